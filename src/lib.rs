@@ -1,0 +1,18 @@
+//! rhyve: FreeBSD bhyve's userspace VMM, rebuilt in Rust on Linux KVM.
+//!
+//! Layers, bottom up (ARCHITECTURE.md has the picture):
+//! - `hypervisor`: KVM access (libvmmapi's role): VM, memory map, vCPU setup.
+//! - `bus`: port-I/O and MMIO address-range buses.
+//! - `devices`: device emulations (`legacy`: the LPC-side platform).
+//! - `pci`: PCI emulation registry and slot parsing.
+//! - `vmm`: the VM and vCPU lifecycle, `vm_loop` and its exit-handler table.
+//! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
+
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod hypervisor;
+pub mod logging;
+pub mod pci;
+pub mod term;
+pub mod vmm;

@@ -1,0 +1,103 @@
+//! The `rhyve` command: bhyve(8)'s command line and exit status on Linux KVM.
+
+use std::process::ExitCode;
+
+use rhyve::config::cli::{self, Action, USAGE};
+use rhyve::devices::legacy::lpc;
+use rhyve::vmm::control::{SuspendReason, VmControl};
+use rhyve::vmm::Vm;
+use rhyve::{logging, pci, term};
+
+/// Status for every error that stops rhyve before or while running the guest (bhyve(8)).
+const EXIT_ERROR: u8 = 4;
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    term::restore();
+    eprint!("rhyve: {msg}\r\n");
+    ExitCode::from(EXIT_ERROR)
+}
+
+/// Blocks the signals the main loop turns into VM requests, in this thread and every thread it
+/// creates afterwards, so only the signal thread's sigwait receives them.
+fn block_control_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set, then pthread_sigmask with valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// SIGTERM presses the power button; without ACPI power management yet that powers the VM off
+/// (status 1). SIGINT, SIGHUP and SIGQUIT stop it as an error (status 4). Either way the vCPUs
+/// leave their loops and the terminal is restored on the normal exit path.
+fn spawn_signal_thread(set: libc::sigset_t, ctl: std::sync::Arc<VmControl>) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set is a valid signal set and sig valid storage.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if sig == libc::SIGTERM {
+                log::info!("SIGTERM: power button");
+                ctl.suspend(SuspendReason::PowerOff);
+            } else {
+                eprint!("rhyve: stopped by signal {sig}\r\n");
+                ctl.suspend(SuspendReason::Error);
+            }
+        });
+}
+
+fn main() -> ExitCode {
+    term::install_crash_handlers();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = match cli::parse(&args) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    logging::init(parsed.verbosity);
+    let cfg = match parsed.action {
+        Action::Help => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Action::ListPci => {
+            print!("{}", pci::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Action::ListLpc => {
+            print!("{}", lpc::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Action::Run(cfg) => cfg,
+    };
+    match cfg.get_bool("config.dump", false) {
+        Ok(true) => {
+            print!("{cfg}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(false) => {}
+        Err(e) => return fail(e),
+    }
+
+    let sigset = block_control_signals();
+    let mut vm = match Vm::create(&cfg) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    spawn_signal_thread(sigset, vm.control());
+    if let Err(e) = vm.start() {
+        vm.wait();
+        return fail(e);
+    }
+    let reason = vm.wait();
+    term::restore();
+    log::info!("vm stopped: {reason:?}");
+    ExitCode::from(reason.exit_status() as u8)
+}

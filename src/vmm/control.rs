@@ -1,0 +1,323 @@
+//! VM-wide run control shared by every vCPU thread, the devices and the main thread: the active
+//! cpumask, the suspend request (bhyve `vm_suspend`), pause/resume, and the kick that gets a vCPU
+//! out of KVM_RUN.
+//!
+//! Kick protocol: the kicker first publishes its request (suspend or pause flag), then sends
+//! `KICK_SIGNAL` to the vCPU thread. The signal handler sets `immediate_exit` in that thread's
+//! `kvm_run`, so a vCPU that checked the flags just before the request still leaves KVM_RUN at
+//! once instead of running the guest until its next exit.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+
+/// Why the VM stopped, and so the process exit status (bhyve(8) EXIT STATUS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuspendReason {
+    /// Guest reset (0xCF9, 0x64, ACPI reset): status 0.
+    Reset,
+    /// Guest powered off: status 1.
+    PowerOff,
+    /// Every vCPU halted with interrupts disabled: status 2.
+    Halt,
+    /// Triple fault: status 3.
+    TripleFault,
+    /// rhyve stopped the VM because of an error: status 4.
+    Error,
+}
+
+impl SuspendReason {
+    pub fn exit_status(self) -> i32 {
+        match self {
+            SuspendReason::Reset => 0,
+            SuspendReason::PowerOff => 1,
+            SuspendReason::Halt => 2,
+            SuspendReason::TripleFault => 3,
+            SuspendReason::Error => 4,
+        }
+    }
+}
+
+/// A set of vCPU ids (bhyve's `cpuset_t`), sized for KVM's largest VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuSet(Vec<u64>);
+
+impl CpuSet {
+    pub fn set(&mut self, id: usize) {
+        let (w, b) = (id / 64, id % 64);
+        if self.0.len() <= w {
+            self.0.resize(w + 1, 0);
+        }
+        self.0[w] |= 1 << b;
+    }
+    pub fn clear(&mut self, id: usize) {
+        if let Some(word) = self.0.get_mut(id / 64) {
+            *word &= !(1 << (id % 64));
+        }
+    }
+    pub fn is_set(&self, id: usize) -> bool {
+        self.0
+            .get(id / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+    pub fn count(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    /// vCPUs currently parked because of the request.
+    parked: usize,
+}
+
+/// The control block. Lock order: `threads`, then `active`, then `pause`; no lock here is held
+/// while taking a bus or device lock.
+pub struct VmControl {
+    suspend_reason: Mutex<Option<SuspendReason>>,
+    suspended: AtomicBool,
+    pause_requested: AtomicBool,
+    pause: Mutex<PauseState>,
+    pause_cv: Condvar,
+    /// The active cpumask: vCPUs activated and still in their loop.
+    active: Mutex<CpuSet>,
+    active_cv: Condvar,
+    /// pthread ids of running vCPU threads, for the kick. An entry is cleared under this lock
+    /// before its thread exits, so a kick never targets a thread that is gone.
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+}
+
+impl Default for VmControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VmControl {
+    pub fn new() -> Self {
+        install_kick_handler();
+        VmControl {
+            suspend_reason: Mutex::new(None),
+            suspended: AtomicBool::new(false),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(PauseState::default()),
+            pause_cv: Condvar::new(),
+            active: Mutex::new(CpuSet::default()),
+            active_cv: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// bhyve `vm_activate_cpu` + `CPU_SET_ATOMIC(vcpuid, &cpumask)`, and the kick registration.
+    pub fn activate(&self, id: usize) {
+        let mut t = lock(&self.threads);
+        if t.len() <= id {
+            t.resize(id + 1, None);
+        }
+        // SAFETY: pthread_self has no preconditions.
+        t[id] = Some(unsafe { libc::pthread_self() });
+        lock(&self.active).set(id);
+    }
+
+    /// A vCPU leaving its loop clears itself from the cpumask (bhyve `vmexit_suspend`).
+    pub fn deactivate(&self, id: usize) {
+        let mut t = lock(&self.threads);
+        if let Some(slot) = t.get_mut(id) {
+            *slot = None;
+        }
+        let mut active = lock(&self.active);
+        active.clear(id);
+        self.active_cv.notify_all();
+        drop(active);
+        drop(t);
+        // A vCPU that leaves while a pause is pending must not be waited for.
+        self.pause_cv.notify_all();
+    }
+
+    pub fn active_cpus(&self) -> CpuSet {
+        lock(&self.active).clone()
+    }
+
+    /// Requests that the VM stop; the first reason wins (bhyve `vm_suspend` returns EALREADY).
+    pub fn suspend(&self, reason: SuspendReason) {
+        {
+            let mut r = lock(&self.suspend_reason);
+            if r.is_none() {
+                *r = Some(reason);
+                log::debug!("vm suspend requested: {reason:?}");
+            }
+        }
+        self.suspended.store(true, Ordering::SeqCst);
+        self.pause_cv.notify_all();
+        self.kick_all();
+    }
+
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::SeqCst)
+    }
+
+    pub fn suspend_reason(&self) -> Option<SuspendReason> {
+        *lock(&self.suspend_reason)
+    }
+
+    /// Blocks until every vCPU has left its loop (the cpumask is empty).
+    pub fn wait_all_stopped(&self) {
+        let mut active = lock(&self.active);
+        while !active.is_empty() {
+            active = self
+                .active_cv
+                .wait(active)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Sends the kick signal to every running vCPU thread.
+    pub fn kick_all(&self) {
+        let t = lock(&self.threads);
+        for tid in t.iter().flatten() {
+            // SAFETY: the id belongs to a live vCPU thread: entries are cleared under this lock
+            // before their thread exits. The signal has a handler installed by `VmControl::new`.
+            unsafe { libc::pthread_kill(*tid, kick_signal()) };
+        }
+    }
+
+    pub fn pause_requested(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Pauses every vCPU: returns once each active vCPU is parked outside KVM_RUN, or an error if
+    /// that takes longer than `timeout` (a vCPU stuck in a device handler, say).
+    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
+        self.pause_requested.store(true, Ordering::SeqCst);
+        lock(&self.pause).requested = true;
+        self.kick_all();
+        let deadline = Instant::now() + timeout;
+        let mut p = lock(&self.pause);
+        loop {
+            let active = self.active_cpus().count();
+            if p.parked >= active || self.is_suspended() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "only {} of {active} vCPUs paused within {timeout:?}",
+                    p.parked
+                ));
+            }
+            p = self
+                .pause_cv
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut p = lock(&self.pause);
+        p.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        self.pause_cv.notify_all();
+    }
+
+    /// Called by a vCPU thread that saw the pause request: parks until resume or suspend.
+    pub fn park(&self) {
+        let mut p = lock(&self.pause);
+        p.parked += 1;
+        self.pause_cv.notify_all();
+        while p.requested && !self.is_suspended() {
+            p = self.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked -= 1;
+    }
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick handler. A const-initialised Cell of a raw pointer:
+    /// no lazy initialisation and no destructor, so reading it from a signal handler is sound.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Registers the calling vCPU thread's `kvm_run` with the kick handler.
+pub fn set_thread_kvm_run(run: *mut kvm_run) {
+    KVM_RUN.with(|c| c.set(run));
+}
+
+extern "C" fn kick_handler(_sig: libc::c_int) {
+    let run = KVM_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's kvm_run mapping, registered by its vCPU thread
+        // and valid until the thread clears it before dropping the vCPU fd. A volatile byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: an all-zero sigaction is valid; we fill the handler field and install it.
+        // No SA_RESTART: KVM_RUN must return EINTR when kicked.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = kick_handler as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuset_basics() {
+        let mut s = CpuSet::default();
+        assert!(s.is_empty());
+        s.set(0);
+        s.set(70);
+        s.set(1023);
+        assert!(s.is_set(70) && s.is_set(0) && !s.is_set(1));
+        assert_eq!(s.count(), 3);
+        s.clear(70);
+        s.clear(5000);
+        assert_eq!(s.count(), 2);
+    }
+
+    #[test]
+    fn first_suspend_reason_wins() {
+        let c = VmControl::new();
+        assert_eq!(c.suspend_reason(), None);
+        c.suspend(SuspendReason::TripleFault);
+        c.suspend(SuspendReason::Reset);
+        assert_eq!(c.suspend_reason(), Some(SuspendReason::TripleFault));
+        assert!(c.is_suspended());
+        for (r, s) in [
+            (SuspendReason::Reset, 0),
+            (SuspendReason::PowerOff, 1),
+            (SuspendReason::Halt, 2),
+            (SuspendReason::TripleFault, 3),
+            (SuspendReason::Error, 4),
+        ] {
+            assert_eq!(r.exit_status(), s);
+        }
+    }
+}

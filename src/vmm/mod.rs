@@ -1,0 +1,257 @@
+//! The VM as bhyve's `main()` builds it: config tree -> VM -> guest memory -> vCPUs -> platform
+//! devices -> boot payload -> start vCPUs -> wait for the VM to stop.
+
+pub mod control;
+pub mod vcpu;
+pub mod vmexit;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::bus::{Bus, BusDevice, BusError};
+use crate::config::cli::parse_cpulist;
+use crate::config::{parse_memsize, Config, ConfigError};
+use crate::devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
+use crate::devices::IrqLine;
+use crate::hypervisor::{self, cpuid, GuestRam, HvError, MemoryLayout};
+use control::{SuspendReason, VmControl};
+use vcpu::VcpuSpec;
+
+/// Errors building or starting a VM; each says what the user should change.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Hypervisor(#[from] HvError),
+    #[error(transparent)]
+    Memory(#[from] hypervisor::memory::MemoryError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Device(String),
+    #[error("nothing to boot: give a firmware ROM with -l bootrom,FILE (or, when direct kernel boot lands, -o boot.kernel=FILE)")]
+    NoBootPayload,
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+    #[error("cannot start vcpu thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the vCPU threads and devices share.
+pub struct VmShared {
+    pub ctl: Arc<VmControl>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    /// `-e` / x86.strictio: an unassigned port access stops the VM.
+    pub strictio: bool,
+    /// x86.strictmsr (cleared by `-w`): unimplemented MSRs raise #GP.
+    pub strictmsr: bool,
+}
+
+/// A built VM, ready to start.
+pub struct Vm {
+    _kvm: Kvm,
+    pub vm_fd: VmFd,
+    pub shared: Arc<VmShared>,
+    pub ram: GuestRam,
+    vcpus: Vec<VcpuSpec>,
+    threads: Vec<JoinHandle<()>>,
+    run_size: usize,
+}
+
+fn insert_pio(
+    shared: &VmShared,
+    name: &str,
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+) -> Result<(), VmError> {
+    shared.pio.insert(name, base, len, dev).map_err(VmError::from)
+}
+
+impl Vm {
+    /// Builds the VM the config tree describes (bhyve `main` up to starting the vCPUs).
+    pub fn create(cfg: &Config) -> Result<Vm, VmError> {
+        for (key, what) in [
+            ("gdb.port", "the gdb stub (-G)"),
+            ("restore.file", "restoring a checkpoint (-r)"),
+            ("boot.kernel", "direct kernel boot (boot.kernel)"),
+        ] {
+            if cfg.get(key)?.is_some() {
+                return Err(VmError::Unsupported(what));
+            }
+        }
+        let cpus = cfg.get_u64("cpus")?.unwrap_or(1) as u32;
+        let topo = match (
+            cfg.get_u64("sockets")?,
+            cfg.get_u64("cores")?,
+            cfg.get_u64("threads")?,
+        ) {
+            (Some(s), Some(c), Some(t)) => cpuid::Topology {
+                sockets: s as u32,
+                cores: c as u32,
+                threads: t as u32,
+            },
+            _ => cpuid::Topology::flat(cpus),
+        };
+        let memsize = cfg
+            .get("memory.size")?
+            .and_then(|s| parse_memsize(&s))
+            .unwrap_or(256 << 20);
+        let layout = MemoryLayout::new(memsize)?;
+
+        let kvm = hypervisor::open()?;
+        let vm_fd = hypervisor::create_vm(&kvm, cpus)?;
+        let mut ram = GuestRam::new(&vm_fd, layout)?;
+
+        let shared = Arc::new(VmShared {
+            ctl: Arc::new(VmControl::new()),
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            strictio: cfg.get_bool("x86.strictio", false)?,
+            strictmsr: cfg.get_bool("x86.strictmsr", true)?,
+        });
+
+        // vCPUs: KVM wants them created before the guest runs; threads start later.
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|err| HvError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                err,
+            })?;
+        let mut vcpus = Vec::with_capacity(cpus as usize);
+        for id in 0..cpus {
+            let table = cpuid::for_vcpu(&supported, id, &topo);
+            let fd = hypervisor::create_vcpu(&vm_fd, id, &table)?;
+            let cpuset = match cfg.get(&format!("vcpu.{id}.cpuset"))? {
+                Some(s) => Some(parse_cpulist(&s).ok_or_else(|| ConfigError::Invalid {
+                    key: format!("vcpu.{id}.cpuset"),
+                    msg: format!("'{s}' is not a host CPU list"),
+                })?),
+                None => None,
+            };
+            vcpus.push(VcpuSpec { id, fd, cpuset });
+        }
+
+        Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
+
+        // Boot payload: a firmware ROM, started from the reset vector on the BSP.
+        match cfg.get("lpc.bootrom")? {
+            Some(rom) => {
+                let vars = cfg.get("lpc.bootvars")?;
+                let base = ram.map_bootrom(&vm_fd, &rom, vars.as_deref())?;
+                log::info!("boot ROM {rom} mapped at {base:#x}");
+                if let Some(bsp) = vcpus.first() {
+                    hypervisor::vcpu_reset(&bsp.fd)?;
+                }
+            }
+            None => return Err(VmError::NoBootPayload),
+        }
+
+        Ok(Vm {
+            run_size: kvm.get_vcpu_mmap_size().map_err(|err| HvError::Kvm {
+                what: "KVM_GET_VCPU_MMAP_SIZE",
+                err,
+            })?,
+            _kvm: kvm,
+            vm_fd,
+            shared,
+            ram,
+            vcpus,
+            threads: Vec::new(),
+        })
+    }
+
+    /// The LPC-side platform: COM ports, RTC, reset ports, POST port (bhyve `init_pci`'s lpc
+    /// part and the `inout` handlers registered at start-up).
+    fn init_platform(
+        cfg: &Config,
+        vm_fd: &VmFd,
+        shared: &Arc<VmShared>,
+        layout: &MemoryLayout,
+        cpus: u32,
+    ) -> Result<(), VmError> {
+        for (name, base, irq) in lpc::COM_PORTS {
+            let Some(path) = cfg.get(&format!("lpc.{name}.path"))? else {
+                continue;
+            };
+            let spec = uart_backend::BackendSpec::parse(&path)
+                .map_err(|m| VmError::Device(format!("{name}: {m}")))?;
+            let backend =
+                uart_backend::open(&spec).map_err(|m| VmError::Device(format!("{name}: {m}")))?;
+            let line = IrqLine::new(vm_fd, irq)
+                .map_err(|e| VmError::Device(format!("{name}: IRQ {irq}: {e}")))?;
+            let dev = uart::Uart::start(name, line, backend);
+            insert_pio(shared, name, u64::from(base), 8, dev)?;
+        }
+        let localtime = cfg.get_bool("rtc.use_localtime", true)?;
+        let rtc = Arc::new(Mutex::new(rtc::Rtc::new(layout, localtime, cpus)));
+        insert_pio(shared, "rtc", 0x70, 2, rtc)?;
+        let boot_timer = cfg.get_bool("debug.boot_timer", false)?;
+        insert_pio(shared, "post", 0x80, 1, Arc::new(Mutex::new(post::PostPort::new(boot_timer))))?;
+        let ctl = shared.ctl.clone();
+        insert_pio(
+            shared,
+            "reset control",
+            0xcf9,
+            1,
+            Arc::new(Mutex::new(resetctl::ResetControl::new(ctl.clone()))),
+        )?;
+        insert_pio(
+            shared,
+            "i8042",
+            i8042::I8042::BASE,
+            i8042::I8042::LEN,
+            Arc::new(Mutex::new(i8042::I8042::new(ctl))),
+        )?;
+        Ok(())
+    }
+
+    /// Guest RAM, for tests and tools that inspect the guest.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.ram.mem
+    }
+
+    pub fn control(&self) -> Arc<VmControl> {
+        self.shared.ctl.clone()
+    }
+
+    /// Starts every vCPU thread, the BSP first (bhyve's `bhyve_start_vcpu` loop).
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for spec in self.vcpus.drain(..) {
+            let h = vcpu::start_vcpu(self.shared.clone(), spec, self.run_size).map_err(|e| {
+                self.shared.ctl.suspend(SuspendReason::Error);
+                VmError::Thread(e)
+            })?;
+            self.threads.push(h);
+        }
+        Ok(())
+    }
+
+    /// Waits until every vCPU has left its loop and returns why the VM stopped.
+    pub fn wait(&mut self) -> SuspendReason {
+        self.shared.ctl.wait_all_stopped();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.ram.sync();
+        self.shared
+            .ctl
+            .suspend_reason()
+            .unwrap_or(SuspendReason::Error)
+    }
+
+    /// Pauses all vCPUs (kicked out of KVM_RUN and parked).
+    pub fn pause(&self) -> Result<(), String> {
+        self.shared.ctl.pause(Duration::from_secs(5))
+    }
+
+    pub fn resume(&self) {
+        self.shared.ctl.resume();
+    }
+}

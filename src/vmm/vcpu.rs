@@ -1,0 +1,85 @@
+//! The vCPU lifecycle (bhyve `bhyve_start_vcpu` / `fbsdrun_addcpu` / `fbsdrun_start_thread`).
+//!
+//! vCPU 0 is the BSP: with a boot ROM it is reset to the x86 power-on state and starts at the
+//! reset vector. Every other vCPU is an AP: KVM's in-kernel LAPIC keeps it in KVM_RUN until the
+//! guest sends it INIT and SIPI, so its thread simply enters `vm_loop`. Each vCPU is activated
+//! in the VM's cpumask, gets its own thread named `vcpu N`, and clears itself from the cpumask
+//! when it leaves the loop.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::VcpuFd;
+
+use super::control::{set_thread_kvm_run, SuspendReason};
+use super::vmexit::{vm_loop, VcpuCtx};
+use super::VmShared;
+
+/// Everything a vCPU thread owns.
+pub struct VcpuSpec {
+    pub id: u32,
+    pub fd: VcpuFd,
+    /// Host CPUs to pin this vCPU's thread to (`-p`), if any.
+    pub cpuset: Option<Vec<usize>>,
+}
+
+fn pin_current_thread(cpus: &[usize]) -> Result<(), String> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c < CPU_SETSIZE was checked when the config was parsed.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: set is a valid cpu_set_t of the size passed; 0 means the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+/// Starts the thread of one vCPU (bhyve `fbsdrun_addcpu`). The vCPU is activated in the cpumask
+/// before this returns, so the main thread never sees an empty mask while vCPUs are starting.
+pub fn start_vcpu(
+    vm: Arc<VmShared>,
+    spec: VcpuSpec,
+    run_size: usize,
+) -> std::io::Result<JoinHandle<()>> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let id = spec.id;
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu {id}"))
+        .spawn(move || {
+            let VcpuSpec {
+                id,
+                mut fd,
+                cpuset,
+            } = spec;
+            set_thread_kvm_run(fd.get_kvm_run());
+            vm.ctl.activate(id as usize);
+            let _ = tx.send(());
+            if let Some(cpus) = &cpuset {
+                if let Err(e) = pin_current_thread(cpus) {
+                    eprint!("rhyve: cannot pin vcpu {id} to host CPUs {cpus:?}: {e}\r\n");
+                    vm.ctl.suspend(SuspendReason::Error);
+                }
+            }
+            let ctx = VcpuCtx { id, vm: &vm };
+            vm_loop(&mut fd, &ctx, run_size);
+            if log::log_enabled!(log::Level::Debug) {
+                if let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) {
+                    log::debug!(
+                        "vcpu {id} left vm_loop at cs {:#x} rip {:#x} (rax {:#x} rcx {:#x} rsp {:#x})",
+                        s.cs.selector, r.rip, r.rax, r.rcx, r.rsp
+                    );
+                }
+            }
+            set_thread_kvm_run(std::ptr::null_mut());
+            vm.ctl.deactivate(id as usize);
+        })?;
+    // Wait for activation; if the thread died first the channel is closed and we go on.
+    let _ = rx.recv();
+    log::debug!("vcpu {id} started");
+    Ok(handle)
+}

@@ -1,0 +1,403 @@
+//! `vm_loop` and the VM-exit handler table (bhyve `amd64/vmexit.c`, `bhyverun.c`).
+//!
+//! Each vCPU thread runs `vm_loop`: enter the guest with KVM_RUN; when it exits, look the exit
+//! reason up in `VMEXIT_HANDLERS`; the handler answers continue, stop the VM (with a bhyve exit
+//! status), or abort (status 4). An exit reason with no handler is reported with its name, the
+//! vCPU and the guest RIP, and ends rhyve with status 4, as bhyve's `vm_loop` does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kvm_bindings::*;
+use kvm_ioctls::VcpuFd;
+
+use super::control::SuspendReason;
+use super::VmShared;
+
+/// What a handler tells `vm_loop` (bhyve's VMEXIT_CONTINUE / VMEXIT_ABORT / vm_suspend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExitAction {
+    Continue,
+    /// Stop every vCPU; the process exits with the reason's status.
+    Suspend(SuspendReason),
+    /// A fatal error, already reported: stop with status 4.
+    Abort,
+}
+
+/// One VM exit, decoded from `kvm_run`: the `struct vm_exit` a handler receives.
+pub enum VmExit<'a> {
+    Inout {
+        port: u16,
+        size: usize,
+        is_in: bool,
+        /// `count * size` bytes: string I/O (`rep ins/outs`) comes as several accesses.
+        data: &'a mut [u8],
+    },
+    Mmio {
+        gpa: u64,
+        is_write: bool,
+        data: &'a mut [u8],
+    },
+    Rdmsr {
+        index: u32,
+        data: &'a mut u64,
+        error: &'a mut u8,
+    },
+    Wrmsr {
+        index: u32,
+        data: u64,
+        error: &'a mut u8,
+    },
+    SystemEvent {
+        kind: u32,
+    },
+    /// An exit with no payload a handler needs (shutdown, interrupted, ...).
+    Plain,
+}
+
+/// The per-vCPU context handlers get.
+pub struct VcpuCtx<'a> {
+    pub id: u32,
+    pub vm: &'a VmShared,
+}
+
+pub type VmExitHandler = fn(&VcpuCtx<'_>, &mut VmExit<'_>) -> VmExitAction;
+
+/// Size of the handler table: every KVM exit reason rhyve can name.
+const NR_EXIT_REASONS: usize = 40;
+
+/// The exit-handler table, indexed by KVM exit reason: the one place that says which handler
+/// serves which exit. A reason with `None` ends the VM with status 4.
+pub static VMEXIT_HANDLERS: [Option<VmExitHandler>; NR_EXIT_REASONS] = {
+    let mut t: [Option<VmExitHandler>; NR_EXIT_REASONS] = [None; NR_EXIT_REASONS];
+    t[KVM_EXIT_IO as usize] = Some(vmexit_inout);
+    t[KVM_EXIT_MMIO as usize] = Some(vmexit_mmio);
+    t[KVM_EXIT_X86_RDMSR as usize] = Some(vmexit_rdmsr);
+    t[KVM_EXIT_X86_WRMSR as usize] = Some(vmexit_wrmsr);
+    t[KVM_EXIT_SHUTDOWN as usize] = Some(vmexit_shutdown);
+    t[KVM_EXIT_SYSTEM_EVENT as usize] = Some(vmexit_system_event);
+    t[KVM_EXIT_INTR as usize] = Some(vmexit_intr);
+    t
+};
+
+/// KVM's name for an exit reason, for diagnostics.
+pub fn exit_name(reason: u32) -> &'static str {
+    const NAMES: [&str; NR_EXIT_REASONS] = [
+        "KVM_EXIT_UNKNOWN",
+        "KVM_EXIT_EXCEPTION",
+        "KVM_EXIT_IO",
+        "KVM_EXIT_HYPERCALL",
+        "KVM_EXIT_DEBUG",
+        "KVM_EXIT_HLT",
+        "KVM_EXIT_MMIO",
+        "KVM_EXIT_IRQ_WINDOW_OPEN",
+        "KVM_EXIT_SHUTDOWN",
+        "KVM_EXIT_FAIL_ENTRY",
+        "KVM_EXIT_INTR",
+        "KVM_EXIT_SET_TPR",
+        "KVM_EXIT_TPR_ACCESS",
+        "KVM_EXIT_S390_SIEIC",
+        "KVM_EXIT_S390_RESET",
+        "KVM_EXIT_DCR",
+        "KVM_EXIT_NMI",
+        "KVM_EXIT_INTERNAL_ERROR",
+        "KVM_EXIT_OSI",
+        "KVM_EXIT_PAPR_HCALL",
+        "KVM_EXIT_S390_UCONTROL",
+        "KVM_EXIT_WATCHDOG",
+        "KVM_EXIT_S390_TSCH",
+        "KVM_EXIT_EPR",
+        "KVM_EXIT_SYSTEM_EVENT",
+        "KVM_EXIT_S390_STSI",
+        "KVM_EXIT_IOAPIC_EOI",
+        "KVM_EXIT_HYPERV",
+        "KVM_EXIT_ARM_NISV",
+        "KVM_EXIT_X86_RDMSR",
+        "KVM_EXIT_X86_WRMSR",
+        "KVM_EXIT_DIRTY_RING_FULL",
+        "KVM_EXIT_AP_RESET_HOLD",
+        "KVM_EXIT_X86_BUS_LOCK",
+        "KVM_EXIT_XEN",
+        "KVM_EXIT_RISCV_SBI",
+        "KVM_EXIT_RISCV_CSR",
+        "KVM_EXIT_NOTIFY",
+        "KVM_EXIT_LOONGARCH_IOCSR",
+        "KVM_EXIT_MEMORY_FAULT",
+    ];
+    NAMES.get(reason as usize).copied().unwrap_or("(unknown to rhyve)")
+}
+
+/// A log line at most every `every` occurrences, so a guest cannot flood the log.
+fn rate_limited(counter: &AtomicU64, every: u64) -> bool {
+    counter.fetch_add(1, Ordering::Relaxed) % every == 0
+}
+
+fn vmexit_inout(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    static UNASSIGNED: AtomicU64 = AtomicU64::new(0);
+    let VmExit::Inout {
+        port,
+        size,
+        is_in,
+        data,
+    } = exit
+    else {
+        return VmExitAction::Abort;
+    };
+    let (port, size, is_in) = (*port, (*size).max(1), *is_in);
+    for chunk in data.chunks_mut(size) {
+        let handled = if is_in {
+            ctx.vm.pio.read(u64::from(port), chunk)
+        } else {
+            ctx.vm.pio.write(u64::from(port), chunk)
+        };
+        if handled {
+            continue;
+        }
+        let dir = if is_in { "in" } else { "out" };
+        let width = match size {
+            1 => 'b',
+            2 => 'w',
+            _ => 'l',
+        };
+        if ctx.vm.strictio {
+            eprint!(
+                "rhyve: unhandled {dir}{width} at port {port:#x} on vcpu {} (strict I/O, -e): stopping\r\n",
+                ctx.id
+            );
+            return VmExitAction::Abort;
+        }
+        if rate_limited(&UNASSIGNED, 1000) {
+            log::debug!("unassigned {dir}{width} at port {port:#x} on vcpu {}", ctx.id);
+        }
+        // Nothing decodes the address: the bus floats high, and writes go nowhere.
+        if is_in {
+            chunk.fill(0xff);
+        }
+    }
+    VmExitAction::Continue
+}
+
+fn vmexit_mmio(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    static UNASSIGNED: AtomicU64 = AtomicU64::new(0);
+    let VmExit::Mmio {
+        gpa,
+        is_write,
+        data,
+    } = exit
+    else {
+        return VmExitAction::Abort;
+    };
+    let handled = if *is_write {
+        ctx.vm.mmio.write(*gpa, data)
+    } else {
+        ctx.vm.mmio.read(*gpa, data)
+    };
+    if !handled {
+        if rate_limited(&UNASSIGNED, 1000) {
+            log::debug!(
+                "unassigned MMIO {} at {gpa:#x} ({} bytes) on vcpu {}",
+                if *is_write { "write" } else { "read" },
+                data.len(),
+                ctx.id
+            );
+        }
+        if !*is_write {
+            data.fill(0xff);
+        }
+    }
+    VmExitAction::Continue
+}
+
+/// Only MSRs KVM does not implement come here (KVM_MSR_EXIT_REASON_UNKNOWN).
+fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    let VmExit::Rdmsr { index, data, error } = exit else {
+        return VmExitAction::Abort;
+    };
+    if ctx.vm.strictmsr {
+        if rate_limited(&LOGGED, 100) {
+            log::warn!(
+                "rdmsr of unimplemented MSR {index:#x} on vcpu {}: #GP injected (-w ignores it)",
+                ctx.id
+            );
+        }
+        **error = 1;
+    } else {
+        **data = 0;
+        **error = 0;
+    }
+    VmExitAction::Continue
+}
+
+fn vmexit_wrmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    let VmExit::Wrmsr { index, data, error } = exit else {
+        return VmExitAction::Abort;
+    };
+    if ctx.vm.strictmsr {
+        if rate_limited(&LOGGED, 100) {
+            log::warn!(
+                "wrmsr {data:#x} to unimplemented MSR {index:#x} on vcpu {}: #GP injected (-w ignores it)",
+                ctx.id
+            );
+        }
+        **error = 1;
+    } else {
+        **error = 0;
+    }
+    VmExitAction::Continue
+}
+
+/// KVM reports a triple fault as a shutdown exit.
+fn vmexit_shutdown(ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
+    log::info!("vcpu {}: triple fault", ctx.id);
+    VmExitAction::Suspend(SuspendReason::TripleFault)
+}
+
+fn vmexit_system_event(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    let VmExit::SystemEvent { kind } = exit else {
+        return VmExitAction::Abort;
+    };
+    let reason = match *kind {
+        KVM_SYSTEM_EVENT_SHUTDOWN => SuspendReason::PowerOff,
+        KVM_SYSTEM_EVENT_RESET => SuspendReason::Reset,
+        other => {
+            eprint!("rhyve: vcpu {}: system event {other} (crash): stopping\r\n", ctx.id);
+            SuspendReason::Error
+        }
+    };
+    VmExitAction::Suspend(reason)
+}
+
+/// The vCPU was kicked out of KVM_RUN; `vm_loop` looks at the suspend and pause flags next.
+fn vmexit_intr(_ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
+    VmExitAction::Continue
+}
+
+/// Decodes the exit in `run`. `run_size` is the size of the `kvm_run` mapping, which bounds
+/// the I/O data area the kernel points into.
+fn decode(run: &mut kvm_run, run_size: usize) -> VmExit<'_> {
+    match run.exit_reason {
+        KVM_EXIT_IO => {
+            // SAFETY: the exit reason says the `io` member of the union is the valid one.
+            let io = unsafe { run.__bindgen_anon_1.io };
+            let size = usize::from(io.size);
+            let len = size.saturating_mul(io.count as usize);
+            let off = io.data_offset as usize;
+            if off.checked_add(len).is_none_or(|end| end > run_size) {
+                return VmExit::Plain;
+            }
+            // SAFETY: [off, off+len) lies inside the kvm_run mapping (checked above), which the
+            // kernel does not touch while the vCPU is out of KVM_RUN; the slice borrows `run`.
+            let data = unsafe {
+                std::slice::from_raw_parts_mut((run as *mut kvm_run).cast::<u8>().add(off), len)
+            };
+            VmExit::Inout {
+                port: io.port,
+                size,
+                is_in: u32::from(io.direction) == KVM_EXIT_IO_IN,
+                data,
+            }
+        }
+        KVM_EXIT_MMIO => {
+            // SAFETY: the exit reason says the `mmio` member of the union is the valid one.
+            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+            let len = (mmio.len as usize).min(mmio.data.len());
+            VmExit::Mmio {
+                gpa: mmio.phys_addr,
+                is_write: mmio.is_write != 0,
+                data: &mut mmio.data[..len],
+            }
+        }
+        KVM_EXIT_X86_RDMSR => {
+            // SAFETY: the exit reason says the `msr` member of the union is the valid one.
+            let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+            VmExit::Rdmsr {
+                index: msr.index,
+                data: &mut msr.data,
+                error: &mut msr.error,
+            }
+        }
+        KVM_EXIT_X86_WRMSR => {
+            // SAFETY: the exit reason says the `msr` member of the union is the valid one.
+            let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+            VmExit::Wrmsr {
+                index: msr.index,
+                data: msr.data,
+                error: &mut msr.error,
+            }
+        }
+        KVM_EXIT_SYSTEM_EVENT => {
+            // SAFETY: the exit reason says the `system_event` member is the valid one.
+            let kind = unsafe { run.__bindgen_anon_1.system_event.type_ };
+            VmExit::SystemEvent { kind }
+        }
+        _ => VmExit::Plain,
+    }
+}
+
+/// Extra detail for an exit nobody handles: KVM's own diagnostic words.
+fn exit_detail(run: &kvm_run) -> String {
+    match run.exit_reason {
+        KVM_EXIT_INTERNAL_ERROR => {
+            // SAFETY: the exit reason says the `internal` member of the union is the valid one.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let n = (internal.ndata as usize).min(internal.data.len());
+            let words: Vec<String> = internal.data[..n].iter().map(|w| format!("{w:#x}")).collect();
+            format!(", suberror {} [{}]", internal.suberror, words.join(" "))
+        }
+        KVM_EXIT_FAIL_ENTRY => {
+            // SAFETY: the exit reason says the `fail_entry` member of the union is the valid one.
+            let fe = unsafe { run.__bindgen_anon_1.fail_entry };
+            format!(", hardware reason {:#x}", fe.hardware_entry_failure_reason)
+        }
+        _ => String::new(),
+    }
+}
+
+/// The vCPU loop (bhyve `vm_loop`). Returns when the VM is suspended or on a fatal error; the
+/// caller then clears this vCPU from the active cpumask.
+pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
+    let ctl = &ctx.vm.ctl;
+    loop {
+        if ctl.is_suspended() {
+            return;
+        }
+        if ctl.pause_requested() {
+            ctl.park();
+            continue;
+        }
+        if let Err(e) = vcpu.run() {
+            match e.errno() {
+                // Kicked (EINTR), or KVM asked for a retry.
+                libc::EINTR | libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                _ => {
+                    eprint!("rhyve: vm_run error on vcpu {}: {e}\r\n", ctx.id);
+                    ctl.suspend(SuspendReason::Error);
+                    return;
+                }
+            }
+        }
+        let run = vcpu.get_kvm_run();
+        let reason = run.exit_reason;
+        let Some(handler) = VMEXIT_HANDLERS.get(reason as usize).copied().flatten() else {
+            let detail = exit_detail(run);
+            let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+            eprint!(
+                "rhyve: vm_loop: unhandled exit {} ({reason}) on vcpu {} at rip {rip:#x}{detail}\r\n",
+                exit_name(reason),
+                ctx.id
+            );
+            ctl.suspend(SuspendReason::Error);
+            return;
+        };
+        let mut exit = decode(run, run_size);
+        match handler(ctx, &mut exit) {
+            VmExitAction::Continue => {}
+            VmExitAction::Suspend(r) => ctl.suspend(r),
+            VmExitAction::Abort => ctl.suspend(SuspendReason::Error),
+        }
+    }
+}
