@@ -102,7 +102,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).read(off, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off, data);
                 true
             }
             None => false,
@@ -113,7 +115,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(off, data);
                 true
             }
             None => false,
@@ -154,7 +158,10 @@ mod tests {
         let dev = Arc::new(Mutex::new(Reg(0, vec![])));
         for (base, len) in [(0x3f0, 9), (0x3ff, 1), (0x3f9, 1), (0x3f0, 0x20)] {
             assert!(
-                matches!(bus.insert("x", base, len, dev.clone()), Err(BusError::Overlap { .. })),
+                matches!(
+                    bus.insert("x", base, len, dev.clone()),
+                    Err(BusError::Overlap { .. })
+                ),
                 "{base:#x}+{len}"
             );
         }

@@ -51,7 +51,13 @@ extern "C" fn fatal_signal(sig: libc::c_int) {
 
 /// Makes crashes restore the terminal too.
 pub fn install_crash_handlers() {
-    for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT] {
+    for sig in [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGABRT,
+    ] {
         // SAFETY: installing a handler that only calls async-signal-safe functions.
         unsafe { libc::signal(sig, fatal_signal as *const () as libc::sighandler_t) };
     }

@@ -71,11 +71,7 @@ pub enum CliError {
     #[error("option -{0} needs an argument (rhyve -h)")]
     MissingArgument(char),
     #[error("-{opt} {arg}: {msg}")]
-    BadArgument {
-        opt: char,
-        arg: String,
-        msg: String,
-    },
+    BadArgument { opt: char, arg: String, msg: String },
     #[error("a VM name is required as the last argument (rhyve -h)")]
     NoName,
     #[error("only one VM name may be given, found '{0}' after it")]
@@ -111,7 +107,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
             break;
         }
         let mut letters = arg[1..].char_indices();
-        while let Some((pos, opt)) = letters.next() {
+        for (pos, opt) in letters.by_ref() {
             if FLAGS.contains(opt) {
                 match apply_flag(&mut cfg, opt)? {
                     FlagEffect::Help => {
@@ -210,7 +206,11 @@ fn apply_option(cfg: &mut Config, opt: char, arg: &str) -> Result<Option<Action>
         'p' => parse_pin(cfg, arg)?,
         'U' => {
             if !is_uuid(arg) {
-                return Err(bad(opt, arg, "not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"));
+                return Err(bad(
+                    opt,
+                    arg,
+                    "not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)",
+                ));
             }
             cfg.set("uuid", arg)?;
         }
@@ -345,8 +345,24 @@ mod tests {
     #[test]
     fn a_typical_bhyve_line() {
         let c = run(&[
-            "-c", "2", "-m", "512M", "-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio",
-            "-l", "bootrom,/fw/rom.bin,/vm/vars.fd", "-e", "-w", "-u", "-H", "-P", "vm0",
+            "-c",
+            "2",
+            "-m",
+            "512M",
+            "-s",
+            "0,hostbridge",
+            "-s",
+            "31,lpc",
+            "-l",
+            "com1,stdio",
+            "-l",
+            "bootrom,/fw/rom.bin,/vm/vars.fd",
+            "-e",
+            "-w",
+            "-u",
+            "-H",
+            "-P",
+            "vm0",
         ]);
         let get = |k: &str| c.get(k).unwrap();
         assert_eq!(get("name").as_deref(), Some("vm0"));
@@ -376,7 +392,11 @@ mod tests {
         let c = run(&["-c", "cpus=4,sockets=2,cores=2,threads=1", "vm"]);
         assert_eq!(c.get("sockets").unwrap().as_deref(), Some("2"));
         let c = run(&["-c", "sockets=2,cores=4", "vm"]);
-        assert_eq!(c.get("cpus").unwrap().as_deref(), Some("8"), "cpus derived from topology");
+        assert_eq!(
+            c.get("cpus").unwrap().as_deref(),
+            Some("8"),
+            "cpus derived from topology"
+        );
         assert!(err(&["-c", "4,sockets=3", "vm"]).contains("topology"));
         assert!(err(&["-c", "0", "vm"]).contains("positive"));
         assert!(err(&["-c", "two", "vm"]).contains("positive"));
@@ -449,17 +469,31 @@ mod tests {
     #[test]
     fn variables_used_by_expansion_are_not_unknown_keys() {
         let c = run(&["-o", "romdir=/fw", "-l", "bootrom,%(romdir)/rom.bin", "vm"]);
-        assert_eq!(c.get("lpc.bootrom").unwrap().as_deref(), Some("/fw/rom.bin"));
+        assert_eq!(
+            c.get("lpc.bootrom").unwrap().as_deref(),
+            Some("/fw/rom.bin")
+        );
         assert!(err(&["-o", "romdir=/fw", "vm"]).contains("unknown config key 'romdir'"));
     }
 
     #[test]
     fn lpc_implies_hostbridge_and_lpc_bridge() {
         let c = run(&["-l", "com1,stdio", "vm"]);
-        assert_eq!(c.get("pci.0.0.0.device").unwrap().as_deref(), Some("hostbridge"));
+        assert_eq!(
+            c.get("pci.0.0.0.device").unwrap().as_deref(),
+            Some("hostbridge")
+        );
         assert_eq!(c.get("pci.0.31.0.device").unwrap().as_deref(), Some("lpc"));
         // An explicit LPC bridge elsewhere is kept, and no second one is added.
-        let c = run(&["-s", "0,hostbridge", "-s", "1,lpc", "-l", "com1,stdio", "vm"]);
+        let c = run(&[
+            "-s",
+            "0,hostbridge",
+            "-s",
+            "1,lpc",
+            "-l",
+            "com1,stdio",
+            "vm",
+        ]);
         assert_eq!(c.get("pci.0.1.0.device").unwrap().as_deref(), Some("lpc"));
         assert_eq!(c.get("pci.0.31.0.device").unwrap(), None);
     }

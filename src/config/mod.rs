@@ -12,7 +12,9 @@ use std::fmt;
 /// A typed error for everything the configuration layer rejects; each says what to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("invalid config key '{0}': keys are dot-separated names of letters, digits, '_' and '-'")]
+    #[error(
+        "invalid config key '{0}': keys are dot-separated names of letters, digits, '_' and '-'"
+    )]
     BadKey(String),
     #[error("config key '{key}' is a group of keys ({key}.*), it cannot also hold a value")]
     NodeIsNotValue { key: String },
@@ -20,7 +22,9 @@ pub enum ConfigError {
     ValueIsNotNode { key: String, child: String },
     #[error("'{0}' is not of the form key=value")]
     NotKeyValue(String),
-    #[error("config key '{key}': '{value}' is not a boolean (use true/false, on/off, yes/no, 1/0)")]
+    #[error(
+        "config key '{key}': '{value}' is not a boolean (use true/false, on/off, yes/no, 1/0)"
+    )]
     BadBool { key: String, value: String },
     #[error("config key '{key}': '{value}' is not a number")]
     BadNumber { key: String, value: String },
@@ -28,10 +32,16 @@ pub enum ConfigError {
     UnsetVariable { key: String, var: String },
     #[error("config key '{key}': unterminated %( in '{value}'")]
     BadExpansion { key: String, value: String },
-    #[error("config key '{key}': %(...) expansion nests too deeply (a variable refers to itself?)")]
+    #[error(
+        "config key '{key}': %(...) expansion nests too deeply (a variable refers to itself?)"
+    )]
     ExpansionLoop { key: String },
     #[error("{file}:{line}: {msg}")]
-    File { file: String, line: usize, msg: String },
+    File {
+        file: String,
+        line: usize,
+        msg: String,
+    },
     #[error("cannot read config file {file}: {err}")]
     FileRead { file: String, err: String },
     #[error("unknown config key '{0}' (rhyve -h lists options; bhyve_config(5) the keys)")]
@@ -395,10 +405,7 @@ mod tests {
         c.set("disk", "%(dir)/%(name).img").unwrap();
         c.set("pct", "100%% sure, 50% off").unwrap();
         assert_eq!(c.get("disk").unwrap().as_deref(), Some("/vm/web.img"));
-        assert_eq!(
-            c.get("pct").unwrap().as_deref(),
-            Some("100% sure, 50% off")
-        );
+        assert_eq!(c.get("pct").unwrap().as_deref(), Some("100% sure, 50% off"));
         c.set("loop", "%(loop)").unwrap();
         assert!(matches!(
             c.get("loop"),
@@ -454,7 +461,15 @@ mod tests {
         assert_eq!(parse_memsize("512k"), Some(512 << 10));
         assert_eq!(parse_memsize("4G"), Some(4 << 30));
         assert_eq!(parse_memsize("1t"), Some(1 << 40));
-        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999G", " G1"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999G",
+            " G1",
+        ] {
             assert_eq!(parse_memsize(bad), None, "{bad:?}");
         }
     }

@@ -115,7 +115,12 @@ fn derive_topology(cfg: &mut Config) -> Result<(), ConfigError> {
             v => Ok(v),
         }
     };
-    let (cpus, sockets, cores, threads) = (get("cpus")?, get("sockets")?, get("cores")?, get("threads")?);
+    let (cpus, sockets, cores, threads) = (
+        get("cpus")?,
+        get("sockets")?,
+        get("cores")?,
+        get("threads")?,
+    );
     if sockets.is_none() && cores.is_none() && threads.is_none() {
         let n = cpus.unwrap_or(1);
         cfg.set_default("cpus", &n.to_string())?;

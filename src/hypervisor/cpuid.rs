@@ -80,7 +80,8 @@ fn patch_entry(
             let cores_m1 = (1u32 << topo.core_bits()) - 1;
             let level = (e.eax >> 5) & 0x7;
             let sharing = if level >= 3 { per_pkg } else { 1 << smt_bits };
-            e.eax = (e.eax & 0x3fff) | ((sharing - 1).min(0xfff) << 14) | (cores_m1.min(0x3f) << 26);
+            e.eax =
+                (e.eax & 0x3fff) | ((sharing - 1).min(0xfff) << 14) | (cores_m1.min(0x3f) << 26);
         }
         0xb | 0x1f => {
             // Extended topology: level 0 is SMT, level 1 is core, then the invalid level.
@@ -105,7 +106,10 @@ mod tests {
     #[test]
     fn apic_ids_pack_topology() {
         let flat = Topology::flat(4);
-        assert_eq!((0..4).map(|i| flat.apic_id(i)).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(
+            (0..4).map(|i| flat.apic_id(i)).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
         // 2 sockets x 3 cores x 2 threads: core field is 2 bits, thread field 1 bit.
         let t = Topology {
             sockets: 2,

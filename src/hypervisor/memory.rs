@@ -50,7 +50,7 @@ pub struct MemoryLayout {
 
 impl MemoryLayout {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Unaligned(size));
         }
         if size < (1 << 20) {
@@ -107,10 +107,11 @@ unsafe fn set_slot(
 impl GuestRam {
     /// Allocates RAM for `layout` and maps it into the VM.
     pub fn new(vm: &VmFd, layout: MemoryLayout) -> Result<Self, MemoryError> {
-        let mem = GuestMemoryMmap::from_ranges(&layout.ranges()).map_err(|e| MemoryError::Alloc {
-            size: layout.lowmem + layout.highmem,
-            err: e.to_string(),
-        })?;
+        let mem =
+            GuestMemoryMmap::from_ranges(&layout.ranges()).map_err(|e| MemoryError::Alloc {
+                size: layout.lowmem + layout.highmem,
+                err: e.to_string(),
+            })?;
         let mut slot = 0;
         for region in mem.iter() {
             // SAFETY: the regions belong to `mem`, which GuestRam owns for the VM's lifetime.
@@ -186,11 +187,21 @@ impl GuestRam {
         unsafe { std::ptr::copy_nonoverlapping(rom.as_ptr(), region.as_ptr(), rom.len()) };
         let rom_base = HIGHMEM_BASE - rom_size;
         // SAFETY: the region is kept in `self.extra` for the VM's lifetime.
-        unsafe { set_slot(vm, self.next_slot, rom_base, region.as_ptr(), rom_size, true)? };
+        unsafe {
+            set_slot(
+                vm,
+                self.next_slot,
+                rom_base,
+                region.as_ptr(),
+                rom_size,
+                true,
+            )?
+        };
         self.next_slot += 1;
         self.extra.push(region);
         if let Some((f, size)) = vars {
-            let region = MmapRegion::from_file(FileOffset::new(f, 0), size as usize).map_err(alloc)?;
+            let region =
+                MmapRegion::from_file(FileOffset::new(f, 0), size as usize).map_err(alloc)?;
             let base = rom_base - size;
             // SAFETY: the region is kept in `self.extra` for the VM's lifetime.
             unsafe { set_slot(vm, self.next_slot, base, region.as_ptr(), size, false)? };
@@ -216,7 +227,7 @@ pub fn check_rom_size(size: u64) -> Result<(), String> {
     if size == 0 {
         return Err("the ROM file is empty".into());
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(format!(
             "ROM size {size} is not a multiple of the page size ({PAGE_SIZE})"
         ));

@@ -87,7 +87,11 @@ pub fn parse_addr(s: &str) -> Result<PciAddr, String> {
     let (bus, slot, func) = match nums.as_slice() {
         [s] => (0, num(s, "slot", 31)?, 0),
         [s, f] => (0, num(s, "slot", 31)?, num(f, "function", 7)?),
-        [b, s, f] => (num(b, "bus", 255)?, num(s, "slot", 31)?, num(f, "function", 7)?),
+        [b, s, f] => (
+            num(b, "bus", 255)?,
+            num(s, "slot", 31)?,
+            num(f, "function", 7)?,
+        ),
         _ => return Err(format!("'{s}' is not [bus:]slot[:function]")),
     };
     Ok(PciAddr { bus, slot, func })
@@ -131,18 +135,17 @@ pub fn configured_devices(cfg: &Config) -> Result<Vec<(PciAddr, String)>, Config
         for (s, _) in cfg.children(&format!("pci.{b}")) {
             for (f, _) in cfg.children(&format!("pci.{b}.{s}")) {
                 let key = format!("pci.{b}.{s}.{f}");
-                let addr = parse_addr(&format!("{b}:{s}:{f}")).map_err(|msg| {
-                    ConfigError::Invalid {
+                let addr =
+                    parse_addr(&format!("{b}:{s}:{f}")).map_err(|msg| ConfigError::Invalid {
                         key: key.clone(),
                         msg,
-                    }
-                })?;
-                let dev = cfg
-                    .get(&format!("{key}.device"))?
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: key.clone(),
-                        msg: "has no 'device' key naming its emulation".into(),
                     })?;
+                let dev =
+                    cfg.get(&format!("{key}.device"))?
+                        .ok_or_else(|| ConfigError::Invalid {
+                            key: key.clone(),
+                            msg: "has no 'device' key naming its emulation".into(),
+                        })?;
                 out.push((addr, dev));
             }
         }
@@ -189,9 +192,30 @@ mod tests {
 
     #[test]
     fn slot_forms() {
-        assert_eq!(parse_addr("3").unwrap(), PciAddr { bus: 0, slot: 3, func: 0 });
-        assert_eq!(parse_addr("3:1").unwrap(), PciAddr { bus: 0, slot: 3, func: 1 });
-        assert_eq!(parse_addr("2:3:1").unwrap(), PciAddr { bus: 2, slot: 3, func: 1 });
+        assert_eq!(
+            parse_addr("3").unwrap(),
+            PciAddr {
+                bus: 0,
+                slot: 3,
+                func: 0
+            }
+        );
+        assert_eq!(
+            parse_addr("3:1").unwrap(),
+            PciAddr {
+                bus: 0,
+                slot: 3,
+                func: 1
+            }
+        );
+        assert_eq!(
+            parse_addr("2:3:1").unwrap(),
+            PciAddr {
+                bus: 2,
+                slot: 3,
+                func: 1
+            }
+        );
         for bad in ["", "32", "1:8", "256:0:0", "a", "1:2:3:4", "-1"] {
             assert!(parse_addr(bad).is_err(), "{bad:?}");
         }
@@ -201,7 +225,10 @@ mod tests {
     fn generic_options_and_unknown_keys() {
         let mut c = Config::new();
         parse_slot_option(&mut c, "0,hostbridge,vendor=0x1275,devid=0x1275").unwrap();
-        assert_eq!(c.get("pci.0.0.0.vendor").unwrap().as_deref(), Some("0x1275"));
+        assert_eq!(
+            c.get("pci.0.0.0.vendor").unwrap().as_deref(),
+            Some("0x1275")
+        );
         validate_key(&c, "pci.0.0.0.vendor").unwrap();
         c.set("pci.0.0.0.color", "blue").unwrap();
         let e = validate_key(&c, "pci.0.0.0.color").unwrap_err().to_string();

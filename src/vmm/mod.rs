@@ -71,7 +71,10 @@ fn insert_pio(
     len: u64,
     dev: Arc<Mutex<dyn BusDevice>>,
 ) -> Result<(), VmError> {
-    shared.pio.insert(name, base, len, dev).map_err(VmError::from)
+    shared
+        .pio
+        .insert(name, base, len, dev)
+        .map_err(VmError::from)
 }
 
 impl Vm {
@@ -193,7 +196,13 @@ impl Vm {
         let rtc = Arc::new(Mutex::new(rtc::Rtc::new(layout, localtime, cpus)));
         insert_pio(shared, "rtc", 0x70, 2, rtc)?;
         let boot_timer = cfg.get_bool("debug.boot_timer", false)?;
-        insert_pio(shared, "post", 0x80, 1, Arc::new(Mutex::new(post::PostPort::new(boot_timer))))?;
+        insert_pio(
+            shared,
+            "post",
+            0x80,
+            1,
+            Arc::new(Mutex::new(post::PostPort::new(boot_timer))),
+        )?;
         let ctl = shared.ctl.clone();
         insert_pio(
             shared,

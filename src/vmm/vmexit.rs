@@ -123,12 +123,17 @@ pub fn exit_name(reason: u32) -> &'static str {
         "KVM_EXIT_LOONGARCH_IOCSR",
         "KVM_EXIT_MEMORY_FAULT",
     ];
-    NAMES.get(reason as usize).copied().unwrap_or("(unknown to rhyve)")
+    NAMES
+        .get(reason as usize)
+        .copied()
+        .unwrap_or("(unknown to rhyve)")
 }
 
 /// A log line at most every `every` occurrences, so a guest cannot flood the log.
 fn rate_limited(counter: &AtomicU64, every: u64) -> bool {
-    counter.fetch_add(1, Ordering::Relaxed) % every == 0
+    counter
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(every)
 }
 
 fn vmexit_inout(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
@@ -166,7 +171,10 @@ fn vmexit_inout(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
             return VmExitAction::Abort;
         }
         if rate_limited(&UNASSIGNED, 1000) {
-            log::debug!("unassigned {dir}{width} at port {port:#x} on vcpu {}", ctx.id);
+            log::debug!(
+                "unassigned {dir}{width} at port {port:#x} on vcpu {}",
+                ctx.id
+            );
         }
         // Nothing decodes the address: the bus floats high, and writes go nowhere.
         if is_in {
@@ -261,7 +269,10 @@ fn vmexit_system_event(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction
         KVM_SYSTEM_EVENT_SHUTDOWN => SuspendReason::PowerOff,
         KVM_SYSTEM_EVENT_RESET => SuspendReason::Reset,
         other => {
-            eprint!("rhyve: vcpu {}: system event {other} (crash): stopping\r\n", ctx.id);
+            eprint!(
+                "rhyve: vcpu {}: system event {other} (crash): stopping\r\n",
+                ctx.id
+            );
             SuspendReason::Error
         }
     };
@@ -342,7 +353,10 @@ fn exit_detail(run: &kvm_run) -> String {
             // SAFETY: the exit reason says the `internal` member of the union is the valid one.
             let internal = unsafe { run.__bindgen_anon_1.internal };
             let n = (internal.ndata as usize).min(internal.data.len());
-            let words: Vec<String> = internal.data[..n].iter().map(|w| format!("{w:#x}")).collect();
+            let words: Vec<String> = internal.data[..n]
+                .iter()
+                .map(|w| format!("{w:#x}"))
+                .collect();
             format!(", suberror {} [{}]", internal.suberror, words.join(" "))
         }
         KVM_EXIT_FAIL_ENTRY => {

@@ -16,11 +16,17 @@ pub const COM_PORTS: [(&str, u16, u32); 4] = [
 ];
 
 const LPC_DEVICES: &[(&str, &str)] = &[
-    ("com1", "16550 UART at 0x3f8, IRQ 4: stdio, a file or device path, or tcp=ip:port"),
+    (
+        "com1",
+        "16550 UART at 0x3f8, IRQ 4: stdio, a file or device path, or tcp=ip:port",
+    ),
     ("com2", "16550 UART at 0x2f8, IRQ 3"),
     ("com3", "16550 UART at 0x3e8, IRQ 4"),
     ("com4", "16550 UART at 0x2e8, IRQ 3"),
-    ("bootrom", "bootrom,romfile[,varfile]: firmware mapped to end at 4 GiB"),
+    (
+        "bootrom",
+        "bootrom,romfile[,varfile]: firmware mapped to end at 4 GiB",
+    ),
 ];
 
 /// The text `-l help` prints.
@@ -56,7 +62,9 @@ pub fn parse_option(cfg: &mut Config, arg: &str) -> Result<(), String> {
             }
             set(cfg, &format!("lpc.{d}.path"), conf)
         }
-        _ => Err(format!("unknown LPC device '{dev}' (rhyve -l help lists them)")),
+        _ => Err(format!(
+            "unknown LPC device '{dev}' (rhyve -l help lists them)"
+        )),
     }
 }
 
@@ -81,11 +89,19 @@ pub fn add_implied_bridges(cfg: &mut Config) -> Result<(), ConfigError> {
     let devices = pci::configured_devices(cfg)?;
     let has = |name: &str| devices.iter().any(|(_, d)| d == name);
     let free = |addr: PciAddr| !devices.iter().any(|(a, _)| *a == addr);
-    let host = PciAddr { bus: 0, slot: 0, func: 0 };
+    let host = PciAddr {
+        bus: 0,
+        slot: 0,
+        func: 0,
+    };
     if !has("hostbridge") && !has("amd_hostbridge") && free(host) {
         cfg.set(&format!("{}.device", host.config_prefix()), "hostbridge")?;
     }
-    let lpc = PciAddr { bus: 0, slot: 31, func: 0 };
+    let lpc = PciAddr {
+        bus: 0,
+        slot: 31,
+        func: 0,
+    };
     if !has("lpc") {
         if !free(lpc) {
             return Err(ConfigError::Invalid {

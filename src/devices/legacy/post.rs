@@ -40,7 +40,10 @@ impl BusDevice for PostPort {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if self.boot_timer {
             self.boot_timer = false;
-            eprintln!("rhyve: boot-timer: first guest write to port 0x80 at monotonic {} ns", monotonic_ns());
+            eprintln!(
+                "rhyve: boot-timer: first guest write to port 0x80 at monotonic {} ns",
+                monotonic_ns()
+            );
         }
         if let Some(&b) = data.first() {
             log::trace!("POST code {b:#04x}");

@@ -138,7 +138,11 @@ impl Rtc {
         put16(&mut nvram, 0x17, ext);
         put16(&mut nvram, 0x30, ext);
         // Memory between 16 MiB and the top of low memory, in 64 KiB units.
-        put16(&mut nvram, 0x34, layout.lowmem.saturating_sub(16 * MB) / 65536);
+        put16(
+            &mut nvram,
+            0x34,
+            layout.lowmem.saturating_sub(16 * MB) / 65536,
+        );
         // Memory above 4 GiB, in 64 KiB units (24 bits).
         let high = (layout.highmem / 65536).min(0xff_ffff);
         nvram[0x5b] = high as u8;
@@ -320,8 +324,14 @@ mod tests {
     fn memory_fields() {
         let l = MemoryLayout::new(6 << 30).unwrap();
         let mut r = Rtc::new(&l, false, 4);
-        assert_eq!(u16::from_le_bytes([rd(&mut r, 0x15), rd(&mut r, 0x16)]), 640);
-        assert_eq!(u16::from_le_bytes([rd(&mut r, 0x30), rd(&mut r, 0x31)]), 63 * 1024);
+        assert_eq!(
+            u16::from_le_bytes([rd(&mut r, 0x15), rd(&mut r, 0x16)]),
+            640
+        );
+        assert_eq!(
+            u16::from_le_bytes([rd(&mut r, 0x30), rd(&mut r, 0x31)]),
+            63 * 1024
+        );
         // 3 GiB low - 16 MiB, in 64 KiB units.
         assert_eq!(
             u16::from_le_bytes([rd(&mut r, 0x34), rd(&mut r, 0x35)]),
@@ -343,7 +353,10 @@ mod tests {
         assert_eq!(i64::from(year), now.year);
         let got = hour * 60 + min;
         let want = now.hour * 60 + now.min;
-        assert!(got.abs_diff(want) <= 1 || got.abs_diff(want) == 1439, "{got} vs {want}");
+        assert!(
+            got.abs_diff(want) <= 1 || got.abs_diff(want) == 1439,
+            "{got} vs {want}"
+        );
         wr(&mut r, REG_B as u8, B_24H | B_DM_BINARY);
         assert_eq!(u32::from(rd(&mut r, MONTH as u8)), now.mon);
         assert_eq!(rd(&mut r, REG_D as u8), D_VRT);

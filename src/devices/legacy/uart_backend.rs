@@ -22,9 +22,10 @@ impl BackendSpec {
             return Ok(BackendSpec::Stdio);
         }
         if let Some(addr) = s.strip_prefix("tcp=") {
-            return addr.parse().map(BackendSpec::Tcp).map_err(|_| {
-                format!("'{addr}' is not ip:port (for example tcp=127.0.0.1:4321)")
-            });
+            return addr
+                .parse()
+                .map(BackendSpec::Tcp)
+                .map_err(|_| format!("'{addr}' is not ip:port (for example tcp=127.0.0.1:4321)"));
         }
         if s.is_empty() {
             return Err("empty backend path".into());

@@ -1,0 +1,131 @@
+//! Shared helpers for the KVM integration tests: build the test-guest ROMs once, run rhyve with
+//! a deadline, and fail loudly (never skip) when /dev/kvm is missing.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Panics with a clear message when KVM is unavailable: a KVM test must fail, not pass.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs KVM: cannot open /dev/kvm ({e}); run it on a host with KVM");
+    }
+}
+
+/// Directory with the built ROMs (guests/build.sh, run once per test binary).
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guests-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/build.sh");
+        let st = Command::new("sh")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .expect("run guests/build.sh");
+        assert!(st.success(), "guests/build.sh failed");
+        out
+    })
+}
+
+pub fn rom(name: &str) -> String {
+    guests()
+        .join(format!("{name}.rom"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Address of `symbol` in a ROM's ELF, for checking reported RIPs.
+pub fn rom_symbol(name: &str, symbol: &str) -> u64 {
+    let out = Command::new("nm")
+        .arg(guests().join(format!("{name}.elf")))
+        .output()
+        .expect("run nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.ends_with(&format!(" {symbol}")))
+        .unwrap_or_else(|| panic!("{symbol} not in {name}.elf"));
+    u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
+}
+
+pub fn rhyve() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rhyve"));
+    c.env_remove("RHYVE_LOG");
+    c
+}
+
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// Waits for `child` to exit, killing it and failing the test after `limit`.
+pub fn wait_with_deadline(mut child: Child, limit: Duration) -> Run {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for rhyve") {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("rhyve did not exit within {limit:?}; stderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut stdout);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Run {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs rhyve with `args` and stdin from /dev/null.
+pub fn run(args: &[&str]) -> Run {
+    let child = rhyve()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rhyve");
+    // Outputs are small (a few lines), so the pipes cannot fill while we poll.
+    wait_with_deadline(child, Duration::from_secs(60))
+}
+
+/// Runs a ROM on COM1=stdio with extra options.
+pub fn run_rom(name: &str, extra: &[&str]) -> Run {
+    require_kvm();
+    let rom = rom(name);
+    let bootrom = format!("bootrom,{rom}");
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["-l", "com1,stdio", "-l", &bootrom, "testvm"]);
+    run(&args)
+}

@@ -1,0 +1,166 @@
+//! KVM tests of the vCPU lifecycle: pause and resume while the guest runs, `-p` pinning of the
+//! `vcpu N` threads, and SIGTERM.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+use rhyve::config::cli::{self, Action};
+use rhyve::vmm::control::SuspendReason;
+use rhyve::vmm::Vm;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The spin ROM's counter (guests/rom/rom.h COUNTER).
+const COUNTER: u64 = 0x6000;
+
+fn counter(vm: &Vm) -> u32 {
+    vm.guest_memory()
+        .read_obj::<u32>(GuestAddress(COUNTER))
+        .expect("read guest counter")
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_lets_it_continue() {
+    require_kvm();
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("pause-com1-{}", std::process::id()));
+    let args = [
+        "-c".to_string(),
+        "2".to_string(),
+        "-l".to_string(),
+        format!("com1,{}", out.display()),
+        "-l".to_string(),
+        format!("bootrom,{}", rom("spin")),
+        "pausevm".to_string(),
+    ];
+    let Action::Run(cfg) = cli::parse(&args).unwrap().action else {
+        panic!("expected a VM config")
+    };
+    let mut vm = Vm::create(&cfg).unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.control().active_cpus().count(),
+        2,
+        "both vCPUs in the cpumask"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&vm) < 1000 {
+        assert!(Instant::now() < deadline, "guest never started counting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.pause().expect("pause");
+    let frozen = counter(&vm);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(&vm), frozen, "the guest ran while paused");
+    // The AP (blocked in KVM_RUN waiting for SIPI) was parked too, and stays in the cpumask.
+    assert_eq!(vm.control().active_cpus().count(), 2);
+
+    vm.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&vm) <= frozen {
+        assert!(
+            Instant::now() < deadline,
+            "guest did not continue after resume"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Pause again, then stop while paused: the vCPUs must still leave their loops.
+    vm.pause().expect("second pause");
+    vm.control().suspend(SuspendReason::PowerOff);
+    assert_eq!(vm.wait(), SuspendReason::PowerOff);
+    assert!(
+        vm.control().active_cpus().is_empty(),
+        "every vCPU cleared itself"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("spinning"), "COM1 to a file: {text:?}");
+    std::fs::remove_file(&out).unwrap();
+}
+
+fn threads_of(pid: u32) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            v.push((comm.trim().to_string(), allowed));
+        }
+    }
+    v
+}
+
+#[test]
+fn vcpu_threads_are_named_and_pinned_with_p_and_sigterm_powers_off() {
+    require_kvm();
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = (ncpu - 1).to_string();
+    let bootrom = format!("bootrom,{}", rom("spin"));
+    let pin0 = format!("0:{last}");
+    let child = rhyve()
+        .args([
+            "-c",
+            "2",
+            "-p",
+            &pin0,
+            "-p",
+            "1:0",
+            "-l",
+            "com1,stdio",
+            "-l",
+            &bootrom,
+            "vm",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = threads_of(pid);
+        let v0 = t.iter().find(|(c, _)| c == "vcpu 0").map(|x| x.1.clone());
+        let v1 = t.iter().find(|(c, _)| c == "vcpu 1").map(|x| x.1.clone());
+        if v0.as_deref() == Some(last.as_str()) && v1.as_deref() == Some("0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vcpu threads not named/pinned as asked: {t:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGTERM is the power button: the VM stops with status 1 (powered off).
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let r = wait_with_deadline(child, Duration::from_secs(20));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stdout.contains("spinning"));
+}
+
+#[test]
+fn sigint_stops_the_vm_with_status_4() {
+    require_kvm();
+    let bootrom = format!("bootrom,{}", rom("spin"));
+    let child = rhyve()
+        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let r = wait_with_deadline(child, Duration::from_secs(20));
+    assert_eq!(r.code(), 4, "{}", r.stderr);
+    assert!(r.stderr.contains("stopped by signal"), "{}", r.stderr);
+}
