@@ -54,7 +54,8 @@ pub fn rom_symbol(name: &str, symbol: &str) -> u64 {
         .lines()
         .find(|l| l.ends_with(&format!(" {symbol}")))
         .unwrap_or_else(|| panic!("{symbol} not in {name}.elf"));
-    u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
+    let addr = line.split(' ').next().unwrap_or_default();
+    u64::from_str_radix(addr, 16).unwrap_or_else(|_| panic!("bad nm line {line}"))
 }
 
 pub fn rhyve() -> Command {
