@@ -111,6 +111,13 @@ impl Vm {
         let kvm = hypervisor::open()?;
         let vm_fd = hypervisor::create_vm(&kvm, cpus)?;
         let mut ram = GuestRam::new(&vm_fd, layout)?;
+        // Boot payload: a firmware ROM, started from the reset vector on the BSP. Mapped now,
+        // with the rest of guest memory, before the irqchip (see `create_irqchip`).
+        let rom = cfg.get("lpc.bootrom")?.ok_or(VmError::NoBootPayload)?;
+        let vars = cfg.get("lpc.bootvars")?;
+        let rom_base = ram.map_bootrom(&vm_fd, &rom, vars.as_deref())?;
+        log::info!("boot ROM {rom} mapped at {rom_base:#x}");
+        hypervisor::create_irqchip(&vm_fd)?;
 
         let shared = Arc::new(VmShared {
             ctl: Arc::new(VmControl::new()),
@@ -142,18 +149,8 @@ impl Vm {
         }
 
         Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
-
-        // Boot payload: a firmware ROM, started from the reset vector on the BSP.
-        match cfg.get("lpc.bootrom")? {
-            Some(rom) => {
-                let vars = cfg.get("lpc.bootvars")?;
-                let base = ram.map_bootrom(&vm_fd, &rom, vars.as_deref())?;
-                log::info!("boot ROM {rom} mapped at {base:#x}");
-                if let Some(bsp) = vcpus.first() {
-                    hypervisor::vcpu_reset(&bsp.fd)?;
-                }
-            }
-            None => return Err(VmError::NoBootPayload),
+        if let Some(bsp) = vcpus.first() {
+            hypervisor::vcpu_reset(&bsp.fd)?;
         }
 
         Ok(Vm {
