@@ -313,3 +313,38 @@ fn varfile_is_mapped_writable_below_the_rom_and_kept() {
     assert!(r.stdout.contains("Hello from the rhyve test guest!"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn every_vcpu_halted_with_interrupts_disabled_is_status_2() {
+    let r = run_rom("halt", &[]);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.stdout.contains("halting with interrupts disabled"));
+    // An AP that was never started can never wake the BSP either.
+    let r = run_rom("halt", &["-c", "2"]);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+}
+
+#[test]
+fn a_guest_idle_with_interrupts_enabled_is_not_halted() {
+    require_kvm();
+    let bootrom = format!("bootrom,{}", rom("idle"));
+    let child = rhyve()
+        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Several halt-check intervals (500 ms each) pass without rhyve stopping the VM.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut child = child;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "rhyve stopped an idle guest"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait_with_deadline(child, std::time::Duration::from_secs(20));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.stdout.contains("idle with interrupts enabled"));
+}

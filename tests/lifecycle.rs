@@ -164,3 +164,85 @@ fn sigint_stops_the_vm_with_status_4() {
     assert_eq!(r.code(), 4, "{}", r.stderr);
     assert!(r.stderr.contains("stopped by signal"), "{}", r.stderr);
 }
+
+/// Opens a pseudo-terminal; returns (master, slave) descriptors.
+fn openpty() -> (i32, i32) {
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: valid output pointers; null name/termios/winsize are allowed.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    (m, s)
+}
+
+fn lflag(fd: i32) -> libc::tcflag_t {
+    // SAFETY: zeroed termios is valid storage; fd is an open terminal.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t.c_lflag
+}
+
+#[test]
+fn the_terminal_is_restored_on_reset_error_and_signal_exits() {
+    require_kvm();
+    use std::os::fd::FromRawFd;
+    for (rom_name, extra, signal, want) in [
+        ("hello", vec![], None, 0),
+        ("ports", vec!["-e"], None, 4),
+        ("spin", vec![], Some(libc::SIGINT), 4),
+        ("spin", vec![], Some(libc::SIGTERM), 1),
+    ] {
+        let (master, slave) = openpty();
+        let before = lflag(slave);
+        assert_ne!(
+            before & libc::ICANON,
+            0,
+            "a new pty starts in canonical mode"
+        );
+        let bootrom = format!("bootrom,{}", rom(rom_name));
+        let mut args = extra.clone();
+        args.extend(["-l", "com1,stdio", "-l", &bootrom, "vm"]);
+        // SAFETY: slave is an open descriptor we own; the Stdio takes ownership of a dup.
+        let stdin = unsafe { std::process::Stdio::from_raw_fd(libc::dup(slave)) };
+        let child = rhyve()
+            .args(&args)
+            .stdin(stdin)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(sig) = signal {
+            // Wait until rhyve has switched the terminal to raw mode, then signal it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while lflag(slave) & libc::ICANON != 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "rhyve never made the terminal raw"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+        let r = wait_with_deadline(child, Duration::from_secs(30));
+        assert_eq!(r.code(), want, "{rom_name} {extra:?}: {}", r.stderr);
+        assert_eq!(
+            lflag(slave),
+            before,
+            "{rom_name} {extra:?} left the terminal changed"
+        );
+        // SAFETY: closing descriptors we opened.
+        unsafe {
+            libc::close(slave);
+            libc::close(master);
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! once instead of running the guest until its next exit.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,10 @@ pub struct VmControl {
     /// pthread ids of running vCPU threads, for the kick. An entry is cleared under this lock
     /// before its thread exits, so a kick never targets a thread that is gone.
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    /// Halt check: a generation number vCPUs answer once each, and their answers.
+    halt_gen: AtomicU64,
+    halt_replies: Mutex<(u64, Vec<bool>)>,
+    halt_cv: Condvar,
 }
 
 impl Default for VmControl {
@@ -116,6 +120,9 @@ impl VmControl {
             active: Mutex::new(CpuSet::default()),
             active_cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            halt_gen: AtomicU64::new(0),
+            halt_replies: Mutex::new((0, Vec::new())),
+            halt_cv: Condvar::new(),
         }
     }
 
@@ -171,15 +178,22 @@ impl VmControl {
         *lock(&self.suspend_reason)
     }
 
-    /// Blocks until every vCPU has left its loop (the cpumask is empty).
-    pub fn wait_all_stopped(&self) {
+    /// Waits up to `timeout` for every vCPU to leave its loop; true once the cpumask is empty.
+    pub fn wait_all_stopped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         let mut active = lock(&self.active);
         while !active.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
             active = self
                 .active_cv
-                .wait(active)
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout(active, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
+        true
     }
 
     /// Sends the kick signal to every running vCPU thread.
@@ -189,6 +203,80 @@ impl VmControl {
             // SAFETY: the id belongs to a live vCPU thread: entries are cleared under this lock
             // before their thread exits. The signal has a handler installed by `VmControl::new`.
             unsafe { libc::pthread_kill(*tid, kick_signal()) };
+        }
+    }
+
+    /// CPU time consumed so far by each running vCPU thread (None for a vCPU that has left).
+    pub fn vcpu_cpu_times(&self) -> Vec<Option<Duration>> {
+        let t = lock(&self.threads);
+        t.iter()
+            .map(|tid| {
+                let tid = (*tid)?;
+                let mut clock: libc::clockid_t = 0;
+                // SAFETY: tid is a live vCPU thread (entries are cleared under this lock before
+                // the thread exits); clock and ts are valid output storage.
+                unsafe {
+                    if libc::pthread_getcpuclockid(tid, &mut clock) != 0 {
+                        return None;
+                    }
+                    let mut ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    if libc::clock_gettime(clock, &mut ts) != 0 {
+                        return None;
+                    }
+                    Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+                }
+            })
+            .collect()
+    }
+
+    /// The halt check a vCPU should answer, if one is pending newer than `seen`.
+    pub fn halt_check_pending(&self, seen: u64) -> Option<u64> {
+        let g = self.halt_gen.load(Ordering::SeqCst);
+        (g != seen).then_some(g)
+    }
+
+    /// A vCPU's answer to halt check `generation`.
+    pub fn report_halt(&self, generation: u64, halted: bool) {
+        let mut r = lock(&self.halt_replies);
+        if r.0 == generation {
+            r.1.push(halted);
+            self.halt_cv.notify_all();
+        }
+    }
+
+    /// Asks every active vCPU whether it is halted with interrupts disabled (or waiting for a
+    /// SIPI that nobody can send). True only if all say so within `timeout`: bhyve's
+    /// "all vCPUs halted" that ends the VM with status 2.
+    pub fn all_halted(&self, timeout: Duration) -> bool {
+        let generation = {
+            let mut r = lock(&self.halt_replies);
+            let g = self.halt_gen.fetch_add(1, Ordering::SeqCst) + 1;
+            *r = (g, Vec::new());
+            g
+        };
+        self.kick_all();
+        let deadline = Instant::now() + timeout;
+        let mut r = lock(&self.halt_replies);
+        loop {
+            let active = self.active_cpus().count();
+            if r.0 != generation || self.is_suspended() || active == 0 {
+                return false;
+            }
+            if r.1.len() >= active {
+                return r.1.iter().all(|h| *h);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            r = self
+                .halt_cv
+                .wait_timeout(r, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

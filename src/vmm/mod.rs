@@ -239,9 +239,28 @@ impl Vm {
         Ok(())
     }
 
-    /// Waits until every vCPU has left its loop and returns why the VM stopped.
+    /// Waits until every vCPU has left its loop and returns why the VM stopped. Meanwhile,
+    /// watches for bhyve's "all vCPUs halted" (status 2): when no vCPU thread has used CPU
+    /// time for a whole interval, the vCPUs are asked whether they are halted for good. A busy
+    /// VM is never kicked for this.
     pub fn wait(&mut self) -> SuspendReason {
-        self.shared.ctl.wait_all_stopped();
+        const INTERVAL: Duration = Duration::from_millis(500);
+        /// CPU time per interval under which a vCPU thread counts as asleep.
+        const IDLE: Duration = Duration::from_millis(5);
+        let ctl = self.shared.ctl.clone();
+        let mut last = ctl.vcpu_cpu_times();
+        while !ctl.wait_all_stopped(INTERVAL) {
+            let now = ctl.vcpu_cpu_times();
+            let idle = now.iter().zip(&last).all(|(n, l)| match (n, l) {
+                (Some(n), Some(l)) => n.saturating_sub(*l) < IDLE,
+                _ => true,
+            });
+            last = now;
+            if idle && !ctl.pause_requested() && ctl.all_halted(INTERVAL) {
+                log::info!("every vCPU is halted with interrupts disabled");
+                ctl.suspend(SuspendReason::Halt);
+            }
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -368,13 +368,33 @@ fn exit_detail(run: &kvm_run) -> String {
     }
 }
 
+/// Whether this vCPU can only be woken by another CPU or an NMI: halted with RFLAGS.IF clear,
+/// or an AP still waiting for INIT/SIPI. With KVM's in-kernel LAPIC a HLT never exits to
+/// userspace, so this is asked after a kick (see `VmControl::all_halted`).
+fn halted_for_good(vcpu: &VcpuFd) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let Ok(mp) = vcpu.get_mp_state() else {
+        return false;
+    };
+    match mp.mp_state {
+        KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
+        KVM_MP_STATE_HALTED => vcpu.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+        _ => false,
+    }
+}
+
 /// The vCPU loop (bhyve `vm_loop`). Returns when the VM is suspended or on a fatal error; the
 /// caller then clears this vCPU from the active cpumask.
 pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
     let ctl = &ctx.vm.ctl;
+    let mut halt_seen = 0;
     loop {
         if ctl.is_suspended() {
             return;
+        }
+        if let Some(generation) = ctl.halt_check_pending(halt_seen) {
+            halt_seen = generation;
+            ctl.report_halt(generation, halted_for_good(vcpu));
         }
         if ctl.pause_requested() {
             ctl.park();
