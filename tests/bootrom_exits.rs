@@ -186,13 +186,7 @@ fn stdin_reaches_the_guest_through_com1() {
     use std::io::Write;
     use std::process::Stdio;
     let bootrom = format!("bootrom,{}", rom("echo"));
-    let mut child = rhyve()
-        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_with(&["-l", "com1,stdio", "-l", &bootrom, "vm"], Stdio::piped());
     // More than the 64-byte FIFO holds: input must wait for the guest, not be dropped.
     let text = "serial input that is longer than the uart fifo ".repeat(4);
     assert!(!text.contains('q'), "q ends the echo guest");
@@ -212,20 +206,13 @@ fn stdin_reaches_the_guest_through_com1() {
 fn com1_over_tcp_serves_a_client() {
     require_kvm();
     use std::io::{Read, Write};
-    use std::process::Stdio;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let bootrom = format!("bootrom,{}", rom("echo"));
     let com1 = format!("com1,tcp=127.0.0.1:{port}");
-    let child = rhyve()
-        .args(["-l", &com1, "-l", &bootrom, "vm"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(&["-l", &com1, "-l", &bootrom, "vm"]);
     let mut conn = None;
     for _ in 0..200 {
         if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -328,13 +315,7 @@ fn every_vcpu_halted_with_interrupts_disabled_is_status_2() {
 fn a_guest_idle_with_interrupts_enabled_is_not_halted() {
     require_kvm();
     let bootrom = format!("bootrom,{}", rom("idle"));
-    let child = rhyve()
-        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]);
     // Several halt-check intervals (500 ms each) pass without rhyve stopping the VM.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let mut child = child;

@@ -104,25 +104,19 @@ fn vcpu_threads_are_named_and_pinned_with_p_and_sigterm_powers_off() {
     let last = (ncpu - 1).to_string();
     let bootrom = format!("bootrom,{}", rom("spin"));
     let pin0 = format!("0:{last}");
-    let child = rhyve()
-        .args([
-            "-c",
-            "2",
-            "-p",
-            &pin0,
-            "-p",
-            "1:0",
-            "-l",
-            "com1,stdio",
-            "-l",
-            &bootrom,
-            "vm",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(&[
+        "-c",
+        "2",
+        "-p",
+        &pin0,
+        "-p",
+        "1:0",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "vm",
+    ]);
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -150,13 +144,7 @@ fn vcpu_threads_are_named_and_pinned_with_p_and_sigterm_powers_off() {
 fn sigint_stops_the_vm_with_status_4() {
     require_kvm();
     let bootrom = format!("bootrom,{}", rom("spin"));
-    let child = rhyve()
-        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -212,13 +200,7 @@ fn the_terminal_is_restored_on_reset_error_and_signal_exits() {
         args.extend(["-l", "com1,stdio", "-l", &bootrom, "vm"]);
         // SAFETY: slave is an open descriptor we own; the Stdio takes ownership of a dup.
         let stdin = unsafe { std::process::Stdio::from_raw_fd(libc::dup(slave)) };
-        let child = rhyve()
-            .args(&args)
-            .stdin(stdin)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_with(&args, stdin);
         if let Some(sig) = signal {
             // Wait until rhyve has switched the terminal to raw mode, then signal it.
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -108,15 +108,25 @@ pub fn wait_with_deadline(mut child: Child, limit: Duration) -> Run {
     }
 }
 
-/// Runs rhyve with `args` and stdin from /dev/null.
-pub fn run(args: &[&str]) -> Run {
-    let child = rhyve()
+/// Starts rhyve with `args`, stdin from `stdin`, stdout and stderr captured.
+pub fn spawn_with(args: &[&str], stdin: Stdio) -> Child {
+    rhyve()
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn rhyve");
+        .expect("spawn rhyve")
+}
+
+/// Starts rhyve with `args` and stdin from /dev/null.
+pub fn spawn(args: &[&str]) -> Child {
+    spawn_with(args, Stdio::null())
+}
+
+/// Runs rhyve with `args` and stdin from /dev/null.
+pub fn run(args: &[&str]) -> Run {
+    let child = spawn(args);
     // Outputs are small (a few lines), so the pipes cannot fill while we poll.
     wait_with_deadline(child, Duration::from_secs(60))
 }
