@@ -282,22 +282,31 @@ fn bad_boot_roms_are_refused_with_one_clear_line() {
 }
 
 #[test]
-fn varfile_is_mapped_writable_below_the_rom_and_kept() {
-    // The variable store must be whole pages; a bad one is refused before the guest runs.
+fn varfile_is_mapped_writable_below_the_rom_and_guest_writes_persist() {
     require_kvm();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("vars-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let vars = dir.join("vars.fd");
+    // The variable store must be whole pages; a bad one is refused before the guest runs.
     std::fs::write(&vars, vec![0u8; 100]).unwrap();
-    let arg = format!("bootrom,{},{}", rom("hello"), vars.display());
+    let arg = format!("bootrom,{},{}", rom("vars"), vars.display());
     let r = run(&["-l", &arg, "vm"]);
     assert_eq!(r.code(), 4);
     assert!(r.stderr.contains("variable store"), "{}", r.stderr);
     std::fs::write(&vars, vec![0u8; 128 << 10]).unwrap();
-    let r = run(&["-l", "com1,stdio", "-l", &arg, "vm"]);
-    assert_eq!(r.code(), 0, "{}", r.stderr);
-    assert!(r.stdout.contains("Hello from the rhyve test guest!"));
+    for want in ["vars counter=00000000", "vars counter=00000001"] {
+        let r = run(&["-l", "com1,stdio", "-l", &arg, "vm"]);
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+        assert!(r.stdout.contains(want), "want {want}: {}", r.stdout);
+    }
+    let data = std::fs::read(&vars).unwrap();
+    assert_eq!(data.len(), 128 << 10, "the store keeps its size");
+    assert_eq!(
+        &data[data.len() - 4..],
+        &2u32.to_le_bytes(),
+        "both increments reached the file"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
