@@ -1,14 +1,25 @@
 //! PCI emulations (bhyve `pci_emul.c`): the registry of emulation names and the parsing of
 //! `-s [bus:]slot[:func],emul[,conf]` into `pci.B.S.F` config nodes.
 //!
-//! The config-space, BAR and interrupt machinery and the devices behind these names arrive with
-//! the PCI issue; what is here is the part of the lifecycle that runs before the VM exists:
-//! naming an emulation, and turning its legacy option string into config keys.
+//! Lifecycle, as in bhyve: `-s` names an emulation and fills its config node; at VM creation
+//! every configured function's `init` builds its device from that node; then the root allocates
+//! BARs largest first, routes INTx, and registers BARs on the buses (`root.rs`); from then on
+//! guest config writes move BARs and switch their decoding.
+
+pub mod config;
+pub mod device;
+pub mod dummy;
+pub mod hostbridge;
+pub mod lpc_bridge;
+pub mod root;
 
 use crate::config::{Config, ConfigError};
+use device::PciDevice;
 
 /// Converts an emulation's legacy option string (the `conf` of `-s`) into keys below `prefix`.
 type LegacyConfig = fn(&mut Config, &str, &str) -> Result<(), String>;
+/// Builds the device from its config node `prefix` (bhyve `pe_init`).
+type Init = fn(&Config, &str) -> Result<Box<dyn PciDevice>, String>;
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.
 pub struct PciEmulation {
@@ -18,6 +29,7 @@ pub struct PciEmulation {
     pub keys: &'static [&'static str],
     /// Parser for the legacy option string; `None` means the generic `name=value` list.
     pub legacy_config: Option<LegacyConfig>,
+    pub init: Init,
 }
 
 /// Every emulation `-s` accepts. `-s help` prints this list.
@@ -27,18 +39,28 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
         description: "host bridge (0:0.0)",
         keys: &["vendor", "devid"],
         legacy_config: None,
+        init: hostbridge::HostBridge::init,
     },
     PciEmulation {
         name: "amd_hostbridge",
         description: "host bridge with AMD's IDs",
         keys: &["vendor", "devid"],
         legacy_config: None,
+        init: hostbridge::HostBridge::init_amd,
     },
     PciEmulation {
         name: "lpc",
         description: "LPC (ISA) bridge carrying the -l devices",
         keys: &[],
         legacy_config: None,
+        init: lpc_bridge::LpcBridge::init,
+    },
+    PciEmulation {
+        name: "dummy",
+        description: "test device: I/O, 32-bit and 64-bit memory BARs backed by storage",
+        keys: &[],
+        legacy_config: None,
+        init: dummy::Dummy::init,
     },
 ];
 

@@ -18,6 +18,10 @@ use crate::config::{parse_memsize, Config, ConfigError};
 use crate::devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
 use crate::devices::IrqLine;
 use crate::hypervisor::{self, cpuid, GuestRam, HvError, MemoryLayout};
+use crate::pci::{
+    self,
+    root::{Conf1Address, Conf1Data, Ecam, PciRoot, ECAM_SIZE},
+};
 use control::{SuspendReason, VmControl};
 use vcpu::VcpuSpec;
 
@@ -45,8 +49,8 @@ pub enum VmError {
 /// What the vCPU threads and devices share.
 pub struct VmShared {
     pub ctl: Arc<VmControl>,
-    pub pio: Bus,
-    pub mmio: Bus,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
     /// `-e` / x86.strictio: an unassigned port access stops the VM.
     pub strictio: bool,
     /// x86.strictmsr (cleared by `-w`): unimplemented MSRs raise #GP.
@@ -59,6 +63,7 @@ pub struct Vm {
     pub vm_fd: VmFd,
     pub shared: Arc<VmShared>,
     pub ram: GuestRam,
+    pub pci: Arc<PciRoot>,
     vcpus: Vec<VcpuSpec>,
     threads: Vec<JoinHandle<()>>,
     run_size: usize,
@@ -121,8 +126,8 @@ impl Vm {
 
         let shared = Arc::new(VmShared {
             ctl: Arc::new(VmControl::new()),
-            pio: Bus::new(),
-            mmio: Bus::new(),
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
             strictio: cfg.get_bool("x86.strictio", false)?,
             strictmsr: cfg.get_bool("x86.strictmsr", true)?,
         });
@@ -149,6 +154,7 @@ impl Vm {
         }
 
         Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
+        let pci = Self::init_pci(cfg, &shared, &layout)?;
         if let Some(bsp) = vcpus.first() {
             hypervisor::vcpu_reset(&bsp.fd)?;
         }
@@ -162,6 +168,7 @@ impl Vm {
             vm_fd,
             shared,
             ram,
+            pci,
             vcpus,
             threads: Vec::new(),
         })
@@ -218,6 +225,68 @@ impl Vm {
         Ok(())
     }
 
+    /// PCI (bhyve `init_pci`): every configured function's `init`, then BAR allocation and
+    /// registration, then the configuration mechanisms (CONF1 ports and ECAM).
+    fn init_pci(
+        cfg: &Config,
+        shared: &Arc<VmShared>,
+        layout: &MemoryLayout,
+    ) -> Result<Arc<PciRoot>, VmError> {
+        let top_of_ram = if layout.highmem > 0 {
+            hypervisor::memory::HIGHMEM_BASE + layout.highmem
+        } else {
+            layout.lowmem
+        };
+        let mut root = PciRoot::new(shared.pio.clone(), shared.mmio.clone(), top_of_ram);
+        let devices = pci::configured_devices(cfg)?;
+        let lpcs: Vec<_> = devices.iter().filter(|(_, d)| d == "lpc").collect();
+        if lpcs.len() > 1 {
+            return Err(VmError::Device(
+                "only one LPC bridge (-s N,lpc) is allowed".into(),
+            ));
+        }
+        if let Some((addr, _)) = lpcs.first() {
+            if addr.bus != 0 {
+                return Err(VmError::Device(format!(
+                    "the LPC bridge must be on bus 0, not at {addr}"
+                )));
+            }
+        }
+        for (addr, name) in devices {
+            let emul = pci::find_emulation(&name).ok_or_else(|| {
+                VmError::Device(format!("PCI {addr}: unknown emulation '{name}'"))
+            })?;
+            let dev = (emul.init)(cfg, &addr.config_prefix())
+                .map_err(|m| VmError::Device(format!("PCI {addr} ({name}): {m}")))?;
+            root.add(addr, dev)
+                .map_err(|e| VmError::Device(e.to_string()))?;
+        }
+        root.finish_init()
+            .map_err(|e| VmError::Device(e.to_string()))?;
+        let root = Arc::new(root);
+        insert_pio(
+            shared,
+            "pci conf1 address",
+            0xcf8,
+            1,
+            Arc::new(Mutex::new(Conf1Address(root.clone()))),
+        )?;
+        insert_pio(
+            shared,
+            "pci conf1 data",
+            0xcfc,
+            4,
+            Arc::new(Mutex::new(Conf1Data(root.clone()))),
+        )?;
+        shared.mmio.insert(
+            "pci ecam",
+            Ecam::BASE,
+            ECAM_SIZE,
+            Arc::new(Mutex::new(Ecam(root.clone()))),
+        )?;
+        Ok(root)
+    }
+
     /// Guest RAM, for tests and tools that inspect the guest.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.ram.mem
@@ -271,12 +340,16 @@ impl Vm {
             .unwrap_or(SuspendReason::Error)
     }
 
-    /// Pauses all vCPUs (kicked out of KVM_RUN and parked).
+    /// Pauses all vCPUs (kicked out of KVM_RUN and parked), then every device.
     pub fn pause(&self) -> Result<(), String> {
-        self.shared.ctl.pause(Duration::from_secs(5))
+        self.shared.ctl.pause(Duration::from_secs(5))?;
+        self.pci.pause_all();
+        Ok(())
     }
 
+    /// Resumes the devices, then the vCPUs.
     pub fn resume(&self) {
+        self.pci.resume_all();
         self.shared.ctl.resume();
     }
 }

@@ -1,0 +1,65 @@
+//! `dummy`: a test device like bhyve's PCI_EMUL_TEST (`pci_emul.c`): IDs 0x10DD:0x0001, an I/O
+//! BAR, a 32-bit and a 64-bit memory BAR, each backed by plain storage the guest can write and
+//! read back, so BAR sizing, moves and decode can be checked from a guest.
+
+use super::config::{BarKind, ConfigSpace};
+use super::device::PciDevice;
+use crate::config::Config;
+
+pub const IO_SIZE: u64 = 32;
+pub const MEM32_SIZE: u64 = 4096;
+pub const MEM64_SIZE: u64 = 8192;
+
+pub struct Dummy {
+    cfg: ConfigSpace,
+    /// Storage behind BAR 0, 1 and 2 (BAR 2 is 64-bit and also uses register 3).
+    regs: [Vec<u8>; 3],
+}
+
+impl Dummy {
+    pub fn init(_cfg: &Config, _prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+        let mut cfg = ConfigSpace::new(0x10dd, 0x0001, 0xff, 0x00, 0x00);
+        let e = |e: super::config::ConfigSpaceError| e.to_string();
+        cfg.declare_bar(0, BarKind::Io, IO_SIZE).map_err(e)?;
+        cfg.declare_bar(1, BarKind::Mem32, MEM32_SIZE).map_err(e)?;
+        cfg.declare_bar(2, BarKind::Mem64, MEM64_SIZE).map_err(e)?;
+        cfg.set_interrupt_pin(1, 0);
+        Ok(Box::new(Dummy {
+            cfg,
+            regs: [
+                vec![0; IO_SIZE as usize],
+                vec![0; MEM32_SIZE as usize],
+                vec![0; MEM64_SIZE as usize],
+            ],
+        }))
+    }
+
+    fn window(&mut self, bar: usize, offset: u64, len: usize) -> Option<&mut [u8]> {
+        let r = self.regs.get_mut(bar)?;
+        let start = usize::try_from(offset).ok()?;
+        r.get_mut(start..start.checked_add(len)?)
+    }
+}
+
+impl PciDevice for Dummy {
+    fn name(&self) -> &'static str {
+        "dummy"
+    }
+    fn config(&self) -> &ConfigSpace {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match self.window(bar, offset, data.len()) {
+            Some(w) => data.copy_from_slice(w),
+            None => data.fill(0xff),
+        }
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some(w) = self.window(bar, offset, data.len()) {
+            w.copy_from_slice(data);
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! PCI host bridge at 0:0.0 (bhyve `pci_hostbridge.c`): identity only, no BARs. `vendor` and
+//! `devid` override the IDs; `amd_hostbridge` uses AMD's.
+
+use super::config::ConfigSpace;
+use super::device::PciDevice;
+use crate::config::{parse_u64, Config};
+
+pub struct HostBridge {
+    cfg: ConfigSpace,
+}
+
+fn id(cfg: &Config, key: &str, default: u16) -> Result<u16, String> {
+    match cfg.get(key).map_err(|e| e.to_string())? {
+        None => Ok(default),
+        Some(v) => parse_u64(&v)
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| format!("{key}: '{v}' is not a 16-bit ID")),
+    }
+}
+
+impl HostBridge {
+    fn with_ids(
+        cfg: &Config,
+        prefix: &str,
+        vendor: u16,
+        device: u16,
+    ) -> Result<Box<dyn PciDevice>, String> {
+        let vendor = id(cfg, &format!("{prefix}.vendor"), vendor)?;
+        let device = id(cfg, &format!("{prefix}.devid"), device)?;
+        // Class 06/00: host bridge.
+        Ok(Box::new(HostBridge {
+            cfg: ConfigSpace::new(vendor, device, 0x06, 0x00, 0x00),
+        }))
+    }
+
+    /// bhyve's IDs: 0x1275:0x1275.
+    pub fn init(cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+        Self::with_ids(cfg, prefix, 0x1275, 0x1275)
+    }
+
+    /// AMD's host bridge IDs, as bhyve's `amd_hostbridge`.
+    pub fn init_amd(cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+        Self::with_ids(cfg, prefix, 0x1022, 0x7432)
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn name(&self) -> &'static str {
+        "hostbridge"
+    }
+    fn config(&self) -> &ConfigSpace {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.cfg
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
