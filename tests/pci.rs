@@ -129,3 +129,24 @@ fn bad_pci_configurations_are_one_line_and_status_4() {
         assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
     }
 }
+
+#[test]
+fn msix_vectors_are_delivered_masked_pending_and_released_on_unmask() {
+    let r = run_rom("msix", &["-s", "4,dummy"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let out = &r.stdout;
+    for line in [
+        "MSI-X vectors: 4",
+        "delivered: count 1",
+        "vector masked: count 1",
+        "PBA 00000002",
+        "vector unmasked: count 2",
+        "function masked: count 2",
+        "function unmasked: count 3",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+}

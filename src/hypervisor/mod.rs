@@ -4,6 +4,7 @@
 //! and preparing vCPUs (CPUID with per-vCPU APIC IDs, the x86 reset state).
 
 pub mod cpuid;
+pub mod irq;
 pub mod memory;
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};

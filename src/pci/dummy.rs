@@ -1,29 +1,51 @@
 //! `dummy`: a test device like bhyve's PCI_EMUL_TEST (`pci_emul.c`): IDs 0x10DD:0x0001, an I/O
 //! BAR, a 32-bit and a 64-bit memory BAR, each backed by plain storage the guest can write and
-//! read back, so BAR sizing, moves and decode can be checked from a guest.
+//! read back, so BAR sizing, moves and decode can be checked from a guest; and MSI-X with four
+//! vectors (table and PBA in BAR 4): writing N to the last dword of the I/O BAR raises vector N.
 
 use super::config::{BarKind, ConfigSpace};
 use super::device::PciDevice;
+use super::msix::Msix;
+use super::PciInitCtx;
 use crate::config::Config;
 
 pub const IO_SIZE: u64 = 32;
 pub const MEM32_SIZE: u64 = 4096;
 pub const MEM64_SIZE: u64 = 8192;
+/// I/O BAR offset whose write raises the MSI-X vector written.
+pub const IO_FIRE: u64 = 0x1c;
+const MSIX_BAR: usize = 4;
+const MSIX_VECTORS: u16 = 4;
+const MSIX_PBA: u32 = 0x800;
 
 pub struct Dummy {
     cfg: ConfigSpace,
     /// Storage behind BAR 0, 1 and 2 (BAR 2 is 64-bit and also uses register 3).
     regs: [Vec<u8>; 3],
+    msix: Msix,
 }
 
 impl Dummy {
-    pub fn init(_cfg: &Config, _prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    pub fn init(
+        ctx: &PciInitCtx,
+        _cfg: &Config,
+        _prefix: &str,
+    ) -> Result<Box<dyn PciDevice>, String> {
         let mut cfg = ConfigSpace::new(0x10dd, 0x0001, 0xff, 0x00, 0x00);
         let e = |e: super::config::ConfigSpaceError| e.to_string();
         cfg.declare_bar(0, BarKind::Io, IO_SIZE).map_err(e)?;
         cfg.declare_bar(1, BarKind::Mem32, MEM32_SIZE).map_err(e)?;
         cfg.declare_bar(2, BarKind::Mem64, MEM64_SIZE).map_err(e)?;
+        cfg.declare_bar(MSIX_BAR, BarKind::Mem32, 4096).map_err(e)?;
         cfg.set_interrupt_pin(1, 0);
+        let msix = Msix::new(
+            &mut cfg,
+            MSIX_VECTORS,
+            MSIX_BAR,
+            0,
+            MSIX_PBA,
+            ctx.router.clone(),
+        )?;
         Ok(Box::new(Dummy {
             cfg,
             regs: [
@@ -31,6 +53,7 @@ impl Dummy {
                 vec![0; MEM32_SIZE as usize],
                 vec![0; MEM64_SIZE as usize],
             ],
+            msix,
         }))
     }
 
@@ -51,13 +74,28 @@ impl PciDevice for Dummy {
     fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.cfg
     }
+    fn config_written(&mut self, _off: usize, _len: usize) {
+        self.msix.config_written(&self.cfg);
+    }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar == MSIX_BAR {
+            return self.msix.read(offset, data);
+        }
         match self.window(bar, offset, data.len()) {
             Some(w) => data.copy_from_slice(w),
             None => data.fill(0xff),
         }
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar == MSIX_BAR {
+            return self.msix.write(offset, data);
+        }
+        if bar == 0 && offset == IO_FIRE {
+            if let Some(v) = data.first().and_then(|n| self.msix.vector(usize::from(*n))) {
+                // While MSI-X is off a real device would use INTx; the dummy stays silent.
+                v.trigger();
+            }
+        }
         if let Some(w) = self.window(bar, offset, data.len()) {
             w.copy_from_slice(data);
         }

@@ -34,12 +34,20 @@ impl HostBridge {
     }
 
     /// bhyve's IDs: 0x1275:0x1275.
-    pub fn init(cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    pub fn init(
+        _ctx: &super::PciInitCtx,
+        cfg: &Config,
+        prefix: &str,
+    ) -> Result<Box<dyn PciDevice>, String> {
         Self::with_ids(cfg, prefix, 0x1275, 0x1275)
     }
 
     /// AMD's host bridge IDs, as bhyve's `amd_hostbridge`.
-    pub fn init_amd(cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    pub fn init_amd(
+        _ctx: &super::PciInitCtx,
+        cfg: &Config,
+        prefix: &str,
+    ) -> Result<Box<dyn PciDevice>, String> {
         Self::with_ids(cfg, prefix, 0x1022, 0x7432)
     }
 }

@@ -10,7 +10,11 @@ pub struct LpcBridge {
 }
 
 impl LpcBridge {
-    pub fn init(_cfg: &Config, _prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    pub fn init(
+        _ctx: &super::PciInitCtx,
+        _cfg: &Config,
+        _prefix: &str,
+    ) -> Result<Box<dyn PciDevice>, String> {
         // Class 06/01: ISA bridge; bhyve presents 8086:7000.
         Ok(Box::new(LpcBridge {
             cfg: ConfigSpace::new(0x8086, 0x7000, 0x06, 0x01, 0x00),

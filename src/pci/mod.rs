@@ -11,7 +11,12 @@ pub mod device;
 pub mod dummy;
 pub mod hostbridge;
 pub mod lpc_bridge;
+pub mod msix;
 pub mod root;
+
+use std::sync::Arc;
+
+use crate::hypervisor::irq::IrqRouter;
 
 use crate::config::{Config, ConfigError};
 use device::PciDevice;
@@ -19,7 +24,13 @@ use device::PciDevice;
 /// Converts an emulation's legacy option string (the `conf` of `-s`) into keys below `prefix`.
 type LegacyConfig = fn(&mut Config, &str, &str) -> Result<(), String>;
 /// Builds the device from its config node `prefix` (bhyve `pe_init`).
-type Init = fn(&Config, &str) -> Result<Box<dyn PciDevice>, String>;
+type Init = fn(&PciInitCtx, &Config, &str) -> Result<Box<dyn PciDevice>, String>;
+
+/// What an emulation's `init` may use from the VM.
+pub struct PciInitCtx {
+    /// MSI/MSI-X routes and irqfds.
+    pub router: Arc<IrqRouter>,
+}
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.
 pub struct PciEmulation {

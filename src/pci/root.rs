@@ -456,30 +456,6 @@ mod tests {
         assert!(mmio.read(0xd000_0000, &mut d));
     }
 
-    /// A device with one BAR of a chosen kind and size.
-    struct Big(crate::pci::config::ConfigSpace);
-    impl PciDevice for Big {
-        fn name(&self) -> &'static str {
-            "big"
-        }
-        fn config(&self) -> &crate::pci::config::ConfigSpace {
-            &self.0
-        }
-        fn config_mut(&mut self) -> &mut crate::pci::config::ConfigSpace {
-            &mut self.0
-        }
-        fn bar_read(&mut self, _: usize, _: u64, d: &mut [u8]) {
-            d.fill(0);
-        }
-        fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
-    }
-
-    fn big(kind: BarKind, size: u64) -> Box<dyn PciDevice> {
-        let mut c = crate::pci::config::ConfigSpace::new(1, 1, 0, 0, 0);
-        c.declare_bar(0, kind, size).unwrap();
-        Box::new(Big(c))
-    }
-
     #[test]
     fn large_bars_go_above_ram_and_overflow_is_an_error() {
         // A 256 MiB 64-bit BAR exceeds the below-4G limit: it lands in the 64-bit window.
@@ -490,7 +466,7 @@ mod tests {
                 slot: 2,
                 func: 0,
             },
-            big(BarKind::Mem64, 256 << 20),
+            dev(&[(0, BarKind::Mem64, 256 << 20)]),
         )
         .unwrap();
         root.finish_init().unwrap();
@@ -508,7 +484,7 @@ mod tests {
                 slot: 2,
                 func: 0,
             },
-            big(BarKind::Mem32, 1 << 30),
+            dev(&[(0, BarKind::Mem32, 1 << 30)]),
         )
         .unwrap();
         let e = root.finish_init().unwrap_err();

@@ -17,10 +17,12 @@ use crate::config::cli::parse_cpulist;
 use crate::config::{parse_memsize, Config, ConfigError};
 use crate::devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
 use crate::devices::IrqLine;
+use crate::hypervisor::irq::IrqRouter;
 use crate::hypervisor::{self, cpuid, GuestRam, HvError, MemoryLayout};
 use crate::pci::{
     self,
     root::{Conf1Address, Conf1Data, Ecam, PciRoot, ECAM_SIZE},
+    PciInitCtx,
 };
 use control::{SuspendReason, VmControl};
 use vcpu::VcpuSpec;
@@ -60,7 +62,8 @@ pub struct VmShared {
 /// A built VM, ready to start.
 pub struct Vm {
     _kvm: Kvm,
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
+    pub router: Arc<IrqRouter>,
     pub shared: Arc<VmShared>,
     pub ram: GuestRam,
     pub pci: Arc<PciRoot>,
@@ -114,7 +117,7 @@ impl Vm {
         let layout = MemoryLayout::new(memsize)?;
 
         let kvm = hypervisor::open()?;
-        let vm_fd = hypervisor::create_vm(&kvm, cpus)?;
+        let vm_fd = Arc::new(hypervisor::create_vm(&kvm, cpus)?);
         let mut ram = GuestRam::new(&vm_fd, layout)?;
         // Boot payload: a firmware ROM, started from the reset vector on the BSP. Mapped now,
         // with the rest of guest memory, before the irqchip (see `create_irqchip`).
@@ -154,7 +157,15 @@ impl Vm {
         }
 
         Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
-        let pci = Self::init_pci(cfg, &shared, &layout)?;
+        let router = Arc::new(IrqRouter::new(vm_fd.clone()));
+        let pci = Self::init_pci(
+            cfg,
+            &PciInitCtx {
+                router: router.clone(),
+            },
+            &shared,
+            &layout,
+        )?;
         if let Some(bsp) = vcpus.first() {
             hypervisor::vcpu_reset(&bsp.fd)?;
         }
@@ -166,6 +177,7 @@ impl Vm {
             })?,
             _kvm: kvm,
             vm_fd,
+            router,
             shared,
             ram,
             pci,
@@ -229,6 +241,7 @@ impl Vm {
     /// registration, then the configuration mechanisms (CONF1 ports and ECAM).
     fn init_pci(
         cfg: &Config,
+        ctx: &PciInitCtx,
         shared: &Arc<VmShared>,
         layout: &MemoryLayout,
     ) -> Result<Arc<PciRoot>, VmError> {
@@ -256,7 +269,7 @@ impl Vm {
             let emul = pci::find_emulation(&name).ok_or_else(|| {
                 VmError::Device(format!("PCI {addr}: unknown emulation '{name}'"))
             })?;
-            let dev = (emul.init)(cfg, &addr.config_prefix())
+            let dev = (emul.init)(ctx, cfg, &addr.config_prefix())
                 .map_err(|m| VmError::Device(format!("PCI {addr} ({name}): {m}")))?;
             root.add(addr, dev)
                 .map_err(|e| VmError::Device(e.to_string()))?;

@@ -1,0 +1,182 @@
+//! The VM's interrupt routing table (KVM_SET_GSI_ROUTING) and MSI delivery through irqfd.
+//!
+//! KVM replaces the whole table on every update, so the router keeps it: the default
+//! irqchip routes (GSI 0-15 to the PIC and I/O APIC, 16-23 to the I/O APIC only, as KVM's own
+//! default table), plus one MSI route per allocated GSI (24 and up). A device's MSI/MSI-X
+//! vector is an eventfd bound to its GSI with irqfd, so raising it never exits to userspace.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+/// GSIs below this are the I/O APIC's pins.
+pub const FIRST_MSI_GSI: u32 = 24;
+/// KVM's routing table limit on this host (DESIGN.md §3: 4096 GSIs).
+pub const MAX_GSI: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IrqError {
+    #[error("out of interrupt routes (KVM allows {MAX_GSI} GSIs)")]
+    Exhausted,
+    #[error("KVM interrupt routing: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MsiRoute {
+    addr: u64,
+    data: u32,
+}
+
+struct Table {
+    next_gsi: u32,
+    free: Vec<u32>,
+    msi: BTreeMap<u32, Option<MsiRoute>>,
+}
+
+pub struct IrqRouter {
+    vm: Arc<VmFd>,
+    table: Mutex<Table>,
+}
+
+fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+impl IrqRouter {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        IrqRouter {
+            vm,
+            table: Mutex::new(Table {
+                next_gsi: FIRST_MSI_GSI,
+                free: Vec::new(),
+                msi: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Reserves a GSI for an MSI vector (no route until `set_msi`).
+    pub fn alloc_gsi(&self) -> Result<u32, IrqError> {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let gsi = match t.free.pop() {
+            Some(g) => g,
+            None if t.next_gsi < MAX_GSI => {
+                t.next_gsi += 1;
+                t.next_gsi - 1
+            }
+            None => return Err(IrqError::Exhausted),
+        };
+        t.msi.insert(gsi, None);
+        Ok(gsi)
+    }
+
+    /// Points `gsi` at an MSI message (None: no route, the vector is silent).
+    pub fn set_msi(&self, gsi: u32, msg: Option<(u64, u32)>) -> Result<(), IrqError> {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let route = msg.map(|(addr, data)| MsiRoute { addr, data });
+        if t.msi.get(&gsi) == Some(&route) {
+            return Ok(());
+        }
+        t.msi.insert(gsi, route);
+        self.commit(&t)
+    }
+
+    fn commit(&self, t: &Table) -> Result<(), IrqError> {
+        let mut entries: Vec<kvm_irq_routing_entry> = Vec::with_capacity(48 + t.msi.len());
+        for gsi in 0..24u32 {
+            if gsi < 16 {
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                entries.push(irqchip_entry(gsi, chip, gsi % 8));
+            }
+            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, route) in &t.msi {
+            let Some(r) = route else { continue };
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = r.addr as u32;
+            e.u.msi.address_hi = (r.addr >> 32) as u32;
+            e.u.msi.data = r.data;
+            entries.push(e);
+        }
+        let mut routing = KvmIrqRouting::new(entries.len()).map_err(|_| IrqError::Exhausted)?;
+        routing.as_mut_slice().copy_from_slice(&entries);
+        self.vm.set_gsi_routing(&routing).map_err(IrqError::Kvm)
+    }
+}
+
+/// One MSI or MSI-X vector: an irqfd-bound eventfd plus the mask/pending state the PCI
+/// capability controls. Cheap to raise from any thread.
+pub struct MsiVector {
+    pub gsi: u32,
+    evt: EventFd,
+    masked: AtomicBool,
+    pending: AtomicBool,
+}
+
+impl MsiVector {
+    pub fn new(router: &IrqRouter) -> Result<Self, IrqError> {
+        let gsi = router.alloc_gsi()?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(IrqError::EventFd)?;
+        router
+            .vm()
+            .register_irqfd(&evt, gsi)
+            .map_err(IrqError::Kvm)?;
+        Ok(MsiVector {
+            gsi,
+            evt,
+            masked: AtomicBool::new(true),
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// Raises the vector, or records it as pending while masked (PCI 3.0 §6.8.3.5).
+    pub fn trigger(&self) {
+        if self.masked.load(Ordering::SeqCst) {
+            self.pending.store(true, Ordering::SeqCst);
+            return;
+        }
+        if let Err(e) = self.evt.write(1) {
+            log::warn!("MSI GSI {}: {e}", self.gsi);
+        }
+    }
+
+    /// Masks or unmasks; unmasking delivers a pending message.
+    pub fn set_masked(&self, masked: bool) {
+        self.masked.store(masked, Ordering::SeqCst);
+        if !masked && self.pending.swap(false, Ordering::SeqCst) {
+            self.trigger();
+        }
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
+    }
+}

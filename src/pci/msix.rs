@@ -1,0 +1,181 @@
+//! The MSI-X capability (PCI 3.0 §6.8.2; bhyve `pci_emul.c` msix helpers): the capability
+//! registers, the vector table and pending-bit array inside a BAR, per-vector and function
+//! masks. Each vector is an `MsiVector` (irqfd + KVM MSI route), so a device raises it without
+//! a VM exit, from any thread.
+
+use std::sync::Arc;
+
+use super::config::ConfigSpace;
+use crate::hypervisor::irq::{IrqRouter, MsiVector};
+
+pub const CAP_ID_MSIX: u8 = 0x11;
+const CTRL_ENABLE: u16 = 1 << 15;
+const CTRL_FUNC_MASK: u16 = 1 << 14;
+const ENTRY_SIZE: u64 = 16;
+const VECTOR_CTRL_MASK: u32 = 1;
+
+pub struct Msix {
+    cap: usize,
+    bar: usize,
+    table_off: u64,
+    pba_off: u64,
+    /// Address low, address high, data, vector control; as the guest wrote them.
+    entries: Vec<[u32; 4]>,
+    vectors: Vec<Arc<MsiVector>>,
+    router: Arc<IrqRouter>,
+    enabled: bool,
+    func_masked: bool,
+}
+
+impl Msix {
+    /// Bytes the table and PBA need for `n` vectors, each rounded to 8 bytes.
+    pub fn table_bytes(n: u16) -> u64 {
+        u64::from(n) * ENTRY_SIZE
+    }
+
+    pub fn pba_bytes(n: u16) -> u64 {
+        u64::from(n).div_ceil(64) * 8
+    }
+
+    /// Adds the capability for `n` vectors whose table is at `table_off` and PBA at `pba_off`
+    /// inside BAR `bar` (which the device declares and routes to `read`/`write`).
+    pub fn new(
+        cfg: &mut ConfigSpace,
+        n: u16,
+        bar: usize,
+        table_off: u32,
+        pba_off: u32,
+        router: Arc<IrqRouter>,
+    ) -> Result<Self, String> {
+        if n == 0 || n > 2048 || bar > 5 || table_off % 8 != 0 || pba_off % 8 != 0 {
+            return Err(format!("bad MSI-X layout: {n} vectors in BAR {bar}"));
+        }
+        let cap = cfg
+            .add_capability(CAP_ID_MSIX, 12)
+            .map_err(|e| e.to_string())?;
+        cfg.set_u16(cap + 2, n - 1);
+        cfg.set_wmask(cap + 2, &(CTRL_ENABLE | CTRL_FUNC_MASK).to_le_bytes());
+        cfg.set_u32(cap + 4, table_off | bar as u32);
+        cfg.set_u32(cap + 8, pba_off | bar as u32);
+        let mut vectors = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            vectors.push(Arc::new(
+                MsiVector::new(&router).map_err(|e| e.to_string())?,
+            ));
+        }
+        Ok(Msix {
+            cap,
+            bar,
+            table_off: u64::from(table_off),
+            pba_off: u64::from(pba_off),
+            entries: vec![[0, 0, 0, VECTOR_CTRL_MASK]; usize::from(n)],
+            vectors,
+            router,
+            enabled: false,
+            func_masked: false,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn vector(&self, i: usize) -> Option<Arc<MsiVector>> {
+        self.vectors.get(i).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+
+    /// Re-reads Message Control after a config write.
+    pub fn config_written(&mut self, cfg: &ConfigSpace) {
+        let ctrl = cfg.u16(self.cap + 2);
+        let (en, fm) = (ctrl & CTRL_ENABLE != 0, ctrl & CTRL_FUNC_MASK != 0);
+        if (en, fm) != (self.enabled, self.func_masked) {
+            self.enabled = en;
+            self.func_masked = fm;
+            for i in 0..self.entries.len() {
+                self.refresh(i);
+            }
+        }
+    }
+
+    /// Brings vector `i`'s KVM route and mask in line with the guest's settings.
+    fn refresh(&mut self, i: usize) {
+        let (Some(e), Some(v)) = (self.entries.get(i), self.vectors.get(i)) else {
+            return;
+        };
+        let masked = !self.enabled || self.func_masked || e[3] & VECTOR_CTRL_MASK != 0;
+        if !masked {
+            let addr = u64::from(e[0]) | (u64::from(e[1]) << 32);
+            if let Err(err) = self.router.set_msi(v.gsi, Some((addr, e[2]))) {
+                log::warn!("MSI-X vector {i}: {err}");
+            }
+        }
+        v.set_masked(masked);
+    }
+
+    /// Whether `offset` in BAR `bar` belongs to the table or PBA.
+    pub fn claims(&self, bar: usize, offset: u64) -> bool {
+        let n = self.entries.len() as u16;
+        bar == self.bar
+            && ((self.table_off..self.table_off + Self::table_bytes(n)).contains(&offset)
+                || (self.pba_off..self.pba_off + Self::pba_bytes(n)).contains(&offset))
+    }
+
+    /// A guest read in the table or PBA; 4- and 8-byte aligned accesses, others read ones.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if !matches!(data.len(), 4 | 8) || offset % 4 != 0 {
+            return;
+        }
+        let n = self.entries.len() as u16;
+        for (k, chunk) in data.chunks_mut(4).enumerate() {
+            let off = offset + 4 * k as u64;
+            let word = if off >= self.table_off && off < self.table_off + Self::table_bytes(n) {
+                let rel = off - self.table_off;
+                self.entries
+                    .get((rel / ENTRY_SIZE) as usize)
+                    .map(|e| e[((rel % ENTRY_SIZE) / 4) as usize])
+            } else if off >= self.pba_off && off < self.pba_off + Self::pba_bytes(n) {
+                let first = ((off - self.pba_off) * 8) as usize;
+                let mut w = 0u32;
+                for b in 0..32 {
+                    if self.vectors.get(first + b).is_some_and(|v| v.is_pending()) {
+                        w |= 1 << b;
+                    }
+                }
+                Some(w)
+            } else {
+                None
+            };
+            if let Some(w) = word {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+        }
+    }
+
+    /// A guest write in the table (the PBA is read-only).
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if !matches!(data.len(), 4 | 8) || offset % 4 != 0 || offset < self.table_off {
+            return;
+        }
+        for (k, chunk) in data.chunks(4).enumerate() {
+            let rel = offset - self.table_off + 4 * k as u64;
+            let i = (rel / ENTRY_SIZE) as usize;
+            let word = ((rel % ENTRY_SIZE) / 4) as usize;
+            let Some(e) = self.entries.get_mut(i) else {
+                return;
+            };
+            let mut b = [0u8; 4];
+            b.copy_from_slice(chunk);
+            e[word] = u32::from_le_bytes(b);
+            self.refresh(i);
+        }
+    }
+}
