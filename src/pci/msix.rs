@@ -47,7 +47,7 @@ impl Msix {
         pba_off: u32,
         router: Arc<IrqRouter>,
     ) -> Result<Self, String> {
-        if n == 0 || n > 2048 || bar > 5 || table_off % 8 != 0 || pba_off % 8 != 0 {
+        if n == 0 || n > 2048 || bar > 5 || !table_off.is_multiple_of(8) || !pba_off.is_multiple_of(8) {
             return Err(format!("bad MSI-X layout: {n} vectors in BAR {bar}"));
         }
         let cap = cfg
@@ -131,7 +131,7 @@ impl Msix {
     /// A guest read in the table or PBA; 4- and 8-byte aligned accesses, others read ones.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
-        if !matches!(data.len(), 4 | 8) || offset % 4 != 0 {
+        if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(4) {
             return;
         }
         let n = self.entries.len() as u16;
@@ -162,7 +162,7 @@ impl Msix {
 
     /// A guest write in the table (the PBA is read-only).
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if !matches!(data.len(), 4 | 8) || offset % 4 != 0 || offset < self.table_off {
+        if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(4) || offset < self.table_off {
             return;
         }
         for (k, chunk) in data.chunks(4).enumerate() {

@@ -361,9 +361,38 @@ impl BusDevice for Ecam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::pci::config::BAR0;
-    use crate::pci::dummy::Dummy;
+    use crate::pci::config::{ConfigSpace, BAR0};
+
+    /// A device with the given BARs, backed by 64 KiB of storage (no KVM needed).
+    struct TestDev(ConfigSpace, Vec<u8>);
+
+    impl PciDevice for TestDev {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn config(&self) -> &ConfigSpace {
+            &self.0
+        }
+        fn config_mut(&mut self) -> &mut ConfigSpace {
+            &mut self.0
+        }
+        fn bar_read(&mut self, _: usize, off: u64, d: &mut [u8]) {
+            let o = off as usize % 65000;
+            d.copy_from_slice(&self.1[o..o + d.len()]);
+        }
+        fn bar_write(&mut self, _: usize, off: u64, d: &[u8]) {
+            let o = off as usize % 65000;
+            self.1[o..o + d.len()].copy_from_slice(d);
+        }
+    }
+
+    fn dev(bars: &[(usize, BarKind, u64)]) -> Box<dyn PciDevice> {
+        let mut c = ConfigSpace::new(0x10dd, 1, 0, 0, 0);
+        for &(i, k, s) in bars {
+            c.declare_bar(i, k, s).unwrap();
+        }
+        Box::new(TestDev(c, vec![0; 65536]))
+    }
 
     fn root_with(slots: &[u8]) -> (PciRoot, Arc<Bus>, Arc<Bus>) {
         let pio = Arc::new(Bus::new());
@@ -375,8 +404,13 @@ mod tests {
                 slot,
                 func: 0,
             };
-            root.add(addr, Dummy::init(&Config::new(), "x").unwrap())
-                .unwrap();
+            // BARs like the dummy device's: 32 bytes of I/O, 4 KiB MEM32, 8 KiB MEM64.
+            let d = dev(&[
+                (0, BarKind::Io, 32),
+                (1, BarKind::Mem32, 4096),
+                (2, BarKind::Mem64, 8192),
+            ]);
+            root.add(addr, d).unwrap();
         }
         (root, pio, mmio)
     }
