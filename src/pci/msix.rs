@@ -47,7 +47,12 @@ impl Msix {
         pba_off: u32,
         router: Arc<IrqRouter>,
     ) -> Result<Self, String> {
-        if n == 0 || n > 2048 || bar > 5 || !table_off.is_multiple_of(8) || !pba_off.is_multiple_of(8) {
+        if n == 0
+            || n > 2048
+            || bar > 5
+            || !table_off.is_multiple_of(8)
+            || !pba_off.is_multiple_of(8)
+        {
             return Err(format!("bad MSI-X layout: {n} vectors in BAR {bar}"));
         }
         let cap = cfg
