@@ -4,7 +4,8 @@
 //! - `hypervisor`: KVM access (libvmmapi's role): VM, memory map, vCPU setup.
 //! - `bus`: port-I/O and MMIO address-range buses.
 //! - `devices`: device emulations (`legacy`: the LPC-side platform).
-//! - `pci`: PCI emulation registry and slot parsing.
+//! - `pci`: PCI root (CONF1, ECAM, BARs, MSI-X), emulation registry, slot parsing.
+//! - `virtio`: virtio devices and their PCI transport.
 //! - `vmm`: the VM and vCPU lifecycle, `vm_loop` and its exit-handler table.
 //! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
 
@@ -15,4 +16,5 @@ pub mod hypervisor;
 pub mod logging;
 pub mod pci;
 pub mod term;
+pub mod virtio;
 pub mod vmm;

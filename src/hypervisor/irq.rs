@@ -75,6 +75,10 @@ impl IrqRouter {
         &self.vm
     }
 
+    pub fn vm_arc(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
     /// Reserves a GSI for an MSI vector (no route until `set_msi`).
     pub fn alloc_gsi(&self) -> Result<u32, IrqError> {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,6 +17,9 @@ pub mod root;
 use std::sync::Arc;
 
 use crate::hypervisor::irq::IrqRouter;
+use crate::virtio::pci::VirtioPci;
+use crate::virtio::rng::Rng;
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Config, ConfigError};
 use device::PciDevice;
@@ -30,6 +33,12 @@ type Init = fn(&PciInitCtx, &Config, &str) -> Result<Box<dyn PciDevice>, String>
 pub struct PciInitCtx {
     /// MSI/MSI-X routes and irqfds.
     pub router: Arc<IrqRouter>,
+    /// Guest RAM, for devices that read and write it (virtio queues).
+    pub mem: GuestMemoryMmap,
+}
+
+fn virtio_rnd(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    VirtioPci::new(ctx, Box::new(Rng::new(cfg, prefix)?))
 }
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.
@@ -72,6 +81,13 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
         keys: &[],
         legacy_config: None,
         init: dummy::Dummy::init,
+    },
+    PciEmulation {
+        name: "virtio-rnd",
+        description: "virtio entropy device (host getrandom)",
+        keys: &[],
+        legacy_config: None,
+        init: virtio_rnd,
     },
 ];
 

@@ -162,6 +162,7 @@ impl Vm {
             cfg,
             &PciInitCtx {
                 router: router.clone(),
+                mem: ram.mem.clone(),
             },
             &shared,
             &layout,

@@ -1,0 +1,122 @@
+//! virtio-rnd: the entropy device (virtio 1.2 §5.4; bhyve `pci_virtio_rnd.c`). One request
+//! queue; every writable buffer the driver posts is filled from the host's getrandom(2).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::{drain, ActiveQueue, VirtioDevice, VirtioIrq, Worker};
+use crate::config::Config;
+
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes served per request, so one hostile chain cannot stall the queue for long.
+const MAX_REQUEST: usize = 64 << 10;
+
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    pub fn new(_cfg: &Config, _prefix: &str) -> Result<Self, String> {
+        Ok(Rng { worker: None })
+    }
+}
+
+fn getrandom(buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+/// Serves every available request; returns whether the driver must be interrupted.
+fn process(q: &mut ActiveQueue, mem: &GuestMemoryMmap, bad: &AtomicU64) -> bool {
+    let mut used_any = false;
+    while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let mut written = 0u32;
+        let mut buf = Vec::new();
+        for desc in chain {
+            if !desc.is_write_only() {
+                continue;
+            }
+            let len = (desc.len() as usize).min(MAX_REQUEST - written as usize);
+            if len == 0 {
+                break;
+            }
+            buf.resize(len, 0);
+            if !getrandom(&mut buf) {
+                break;
+            }
+            if mem.write_slice(&buf, desc.addr()).is_err() {
+                if super::pci::rate_limited(bad) {
+                    log::warn!(
+                        "virtio-rnd: buffer outside guest memory at {:#x}",
+                        desc.addr().0
+                    );
+                }
+                break;
+            }
+            written += len as u32;
+        }
+        if let Err(e) = q.queue.add_used(mem, head, written) {
+            log::warn!("virtio-rnd: add_used: {e}");
+        }
+        used_any = true;
+    }
+    used_any && q.queue.needs_notification(mem).unwrap_or(true)
+}
+
+impl VirtioDevice for Rng {
+    fn name(&self) -> &'static str {
+        "virtio-rnd"
+    }
+    fn device_type(&self) -> u16 {
+        4
+    }
+    fn pci_class(&self) -> (u8, u8) {
+        (0xff, 0x00)
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _acked: u64,
+        mut queues: Vec<ActiveQueue>,
+        irq: Arc<VirtioIrq>,
+    ) -> Result<(), String> {
+        let Some(mut q) = queues.pop() else {
+            return Err("virtio-rnd: the driver enabled no queue".into());
+        };
+        let fds = vec![std::os::fd::AsRawFd::as_raw_fd(&q.notify)];
+        let bad = AtomicU64::new(0);
+        self.worker = Some(Worker::spawn("virtio-rnd".into(), fds, move |_| {
+            drain(&q.notify);
+            if process(&mut q, &mem, &bad) {
+                irq.signal_queue(q.index);
+            }
+            true
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
