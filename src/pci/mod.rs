@@ -38,7 +38,7 @@ pub struct PciInitCtx {
 }
 
 fn virtio_rnd(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
-    VirtioPci::new(ctx, Box::new(Rng::new(cfg, prefix)?))
+    VirtioPci::create(ctx, Box::new(Rng::new(cfg, prefix)?))
 }
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.

@@ -86,7 +86,10 @@ fn new_queue(max: u16) -> Result<Queue, String> {
 }
 
 impl VirtioPci {
-    pub fn new(ctx: &PciInitCtx, dev: Box<dyn VirtioDevice>) -> Result<Box<dyn PciDevice>, String> {
+    pub fn create(
+        ctx: &PciInitCtx,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<Box<dyn PciDevice>, String> {
         let (class, subclass) = dev.pci_class();
         let mut cfg = ConfigSpace::new(
             VIRTIO_VENDOR,
