@@ -69,3 +69,128 @@ fn virtio_rnd_serves_random_bytes_and_survives_hostile_chains() {
         r.stderr
     );
 }
+
+fn disk(name: &str, fill: u8) -> std::path::PathBuf {
+    // On the target directory's filesystem: O_DIRECT (nocache) does not work on tmpfs.
+    let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}.img", std::process::id()));
+    std::fs::write(&p, vec![fill; 1 << 20]).expect("create the disk image");
+    p
+}
+
+fn pattern() -> Vec<u8> {
+    (0..512u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+fn blk_run(img: &std::path::Path, opts: &str) -> Run {
+    let dev = format!("4,virtio-blk,{}{opts}", img.display());
+    run_rom("virtio_blk", &["-s", &dev])
+}
+
+#[test]
+fn virtio_blk_writes_flushes_reads_back_and_zeroes() {
+    let img = disk("blk", 0xaa);
+    let r = blk_run(&img, ",ser=TESTDISK01");
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    let out = &r.stdout;
+    assert_eq!(value(out, "ids "), 0x1042_1af4);
+    assert_eq!(value(out, "capacity "), 2048, "1 MiB in 512-byte sectors");
+    assert_eq!(value(out, "blk_size "), 512);
+    assert_eq!(value(out, "get-id status "), 0);
+    assert!(out.contains("serial TESTDISK01"), "{out}");
+    assert_eq!(value(out, "write status "), 0);
+    assert_eq!(value(out, "flush status "), 0);
+    assert_eq!(value(out, "read status "), 0);
+    assert_eq!(
+        value(out, "read used len "),
+        513,
+        "data plus the status byte"
+    );
+    assert!(out.contains("compare ok"), "{out}");
+    assert_eq!(
+        value(out, "past the end status "),
+        1,
+        "IOERR beyond the capacity"
+    );
+    assert_eq!(value(out, "write zeroes status "), 0);
+    assert_eq!(value(out, "sector 2 first dword "), 0);
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(
+        &data[512..1024],
+        &pattern()[..],
+        "the write reached the file"
+    );
+    assert!(
+        data[1024..1536].iter().all(|b| *b == 0),
+        "write-zeroes reached the file"
+    );
+    assert!(
+        data[1536..].iter().all(|b| *b == 0xaa),
+        "nothing else changed"
+    );
+    assert!(data[..512].iter().all(|b| *b == 0xaa));
+    std::fs::remove_file(&img).unwrap();
+}
+
+#[test]
+fn virtio_blk_read_only_refuses_writes_and_leaves_the_file_alone() {
+    let img = disk("blk-ro", 0xaa);
+    let r = blk_run(&img, ",ro");
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    let out = &r.stdout;
+    assert_ne!(
+        value(out, "device features 31:0 ") & (1 << 5),
+        0,
+        "VIRTIO_BLK_F_RO offered"
+    );
+    assert_eq!(value(out, "write status "), 1, "IOERR");
+    assert!(out.contains("compare mismatch"), "{out}");
+    assert_eq!(value(out, "write zeroes status "), 2, "UNSUPP");
+    assert!(std::fs::read(&img).unwrap().iter().all(|b| *b == 0xaa));
+    std::fs::remove_file(&img).unwrap();
+}
+
+#[test]
+fn virtio_blk_nocache_and_sector_size_options() {
+    let img = disk("blk-direct", 0);
+    let r = blk_run(&img, ",nocache,direct,sectorsize=4096");
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(value(&r.stdout, "blk_size "), 4096);
+    assert!(r.stdout.contains("compare ok"), "{}", r.stdout);
+    assert_eq!(&std::fs::read(&img).unwrap()[512..1024], &pattern()[..]);
+    std::fs::remove_file(&img).unwrap();
+}
+
+#[test]
+fn bad_virtio_blk_configurations_are_one_line_and_status_4() {
+    require_kvm();
+    let rom = format!("bootrom,{}", rom("null"));
+    let img = disk("blk-bad", 0);
+    let img_s = img.display().to_string();
+    for (dev, want) in [
+        (
+            "4,virtio-blk,/nonexistent/disk.img".to_string(),
+            "cannot open /nonexistent/disk.img",
+        ),
+        (
+            format!("4,virtio-blk,{img_s},sectorsize=1000"),
+            "sectorsize=1000",
+        ),
+        (
+            format!("4,virtio-blk,{img_s},color=blue"),
+            "no option 'color'",
+        ),
+        ("4,virtio-blk".to_string(), "needs a backing file"),
+        (format!("4,virtio-blk,{img_s},ro=maybe"), "not a boolean"),
+    ] {
+        let r = run(&["-s", &dev, "-l", &rom, "vm"]);
+        assert_eq!(r.code(), 4, "{dev}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(want),
+            "{dev}: want {want:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+    }
+    std::fs::remove_file(&img).unwrap();
+}

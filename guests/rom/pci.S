@@ -7,13 +7,6 @@
 #define ECAM            0xe0000000
 #define NEW_BAR1        0xd0000000
 
-        .macro SHOW text
-        PRINT "\text"
-        movl    $8, %ecx
-        call    puthex
-        PRINT "\r\n"
-        .endm
-
         .text
         .code32
         .globl main

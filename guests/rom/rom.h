@@ -17,3 +17,11 @@
         call    puts
         popl    %esi
         .endm
+
+/* SHOW "label": print a label, %eax as 8 hex digits, and a line end (clobbers %ecx). */
+        .macro SHOW text
+        PRINT "\text"
+        movl    $8, %ecx
+        call    puthex
+        PRINT "\r\n"
+        .endm

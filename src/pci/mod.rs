@@ -17,6 +17,7 @@ pub mod root;
 use std::sync::Arc;
 
 use crate::hypervisor::irq::IrqRouter;
+use crate::virtio::blk::{self, Blk};
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::rng::Rng;
 use vm_memory::GuestMemoryMmap;
@@ -39,6 +40,10 @@ pub struct PciInitCtx {
 
 fn virtio_rnd(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
     VirtioPci::create(ctx, Box::new(Rng::new(cfg, prefix)?))
+}
+
+fn virtio_blk(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    VirtioPci::create(ctx, Box::new(Blk::new(cfg, prefix)?))
 }
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.
@@ -81,6 +86,22 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
         keys: &[],
         legacy_config: None,
         init: dummy::Dummy::init,
+    },
+    PciEmulation {
+        name: "virtio-blk",
+        description:
+            "virtio disk: PATH[,ro][,sectorsize=L[/P]][,nocache][,direct][,nodelete][,ser=ID]",
+        keys: &[
+            "path",
+            "ro",
+            "sectorsize",
+            "nocache",
+            "direct",
+            "nodelete",
+            "ser",
+        ],
+        legacy_config: Some(blk::legacy_config),
+        init: virtio_blk,
     },
     PciEmulation {
         name: "virtio-rnd",

@@ -2,6 +2,7 @@
 //! `VirtioDevice` trait each device implements, the interrupt a device raises, and the worker
 //! thread that serves a device's queues off the vCPU threads. `pci.rs` is the PCI transport.
 
+pub mod blk;
 pub mod pci;
 pub mod rng;
 

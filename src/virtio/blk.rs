@@ -1,0 +1,565 @@
+//! virtio-blk: a disk backed by a host file or block device (virtio 1.2 §5.2; bhyve
+//! `pci_virtio_block.c` and `block_if.c` options: path, ro, sectorsize, nocache, direct,
+//! nodelete, ser). The device's worker pops requests and hands them to a pool of I/O threads,
+//! so several are in flight; completions come back to the worker, which owns the queue.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pci::rate_limited;
+use super::{drain, ActiveQueue, VirtioDevice, VirtioIrq, Worker};
+use crate::config::{parse_bool, Config};
+
+const QUEUE_SIZE: u16 = 256;
+const SECTOR: u64 = 512;
+/// Pool size: requests that can be in flight at once.
+const IO_THREADS: usize = 4;
+/// Largest data segment accepted, and segments per request.
+const SIZE_MAX: u32 = 1 << 20;
+const SEG_MAX: u32 = 126;
+
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_TOPOLOGY: u64 = 1 << 10;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const ID_BYTES: usize = 20;
+const CONFIG_LEN: usize = 60;
+
+/// The backend: an open file plus what the options made of it.
+pub struct Disk {
+    file: File,
+    /// Size in bytes (a whole number of sectors).
+    size: u64,
+    ro: bool,
+    /// `nocache`: O_DIRECT, so transfers go through sector-aligned bounce buffers.
+    direct: bool,
+    logical: u32,
+    physical: u32,
+    discard: bool,
+    serial: [u8; ID_BYTES],
+}
+
+fn opt_bool(cfg: &Config, key: &str) -> Result<bool, String> {
+    match cfg.get(key).map_err(|e| e.to_string())? {
+        None => Ok(false),
+        Some(v) => parse_bool(key, &v).map_err(|e| e.to_string()),
+    }
+}
+
+impl Disk {
+    pub fn open(cfg: &Config, prefix: &str) -> Result<Disk, String> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let path = cfg
+            .get(&key("path"))
+            .map_err(|e| e.to_string())?
+            .ok_or("needs a backing file: -s SLOT,virtio-blk,PATH[,ro,...]")?;
+        let ro = opt_bool(cfg, &key("ro"))?;
+        let nocache = opt_bool(cfg, &key("nocache"))?;
+        let sync = opt_bool(cfg, &key("direct"))?;
+        let nodelete = opt_bool(cfg, &key("nodelete"))?;
+        let (logical, physical) = match cfg.get(&key("sectorsize")).map_err(|e| e.to_string())? {
+            None => (512u32, 512u32),
+            Some(s) => {
+                let (l, p) = s.split_once('/').unwrap_or((&s, &s));
+                let parse = |v: &str| {
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|n| n.is_power_of_two() && (512..=4096).contains(n))
+                };
+                match (parse(l), parse(p)) {
+                    (Some(l), Some(p)) if p >= l => (l, p),
+                    _ => {
+                        return Err(format!(
+                            "sectorsize={s}: want logical[/physical], powers of two from 512 to 4096, physical >= logical"
+                        ))
+                    }
+                }
+            }
+        };
+        let mut flags = 0;
+        if nocache {
+            flags |= libc::O_DIRECT;
+        }
+        if sync {
+            flags |= libc::O_SYNC;
+        }
+        let mut file = File::options()
+            .read(true)
+            .write(!ro)
+            .custom_flags(flags)
+            .open(&path)
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        let is_file = meta.is_file();
+        if !is_file && !meta.file_type().is_block_device() {
+            return Err(format!(
+                "{path} is neither a regular file nor a block device"
+            ));
+        }
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("{path}: {e}"))?;
+        if !size.is_multiple_of(u64::from(logical)) {
+            log::warn!("{path}: size {size} is not a multiple of the {logical}-byte sector; the tail is not visible");
+        }
+        let size = size / u64::from(logical) * u64::from(logical);
+        let serial = match cfg.get(&key("ser")).map_err(|e| e.to_string())? {
+            Some(s) => s,
+            // A stable serial derived from the path, like bhyve's.
+            None => {
+                let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+                format!(
+                    "RHYVE-{:04X}-{:04X}-{:04X}",
+                    (h >> 32) & 0xffff,
+                    (h >> 16) & 0xffff,
+                    h & 0xffff
+                )
+            }
+        };
+        let mut id = [0u8; ID_BYTES];
+        for (d, s) in id.iter_mut().zip(serial.bytes()) {
+            *d = s;
+        }
+        Ok(Disk {
+            file,
+            size,
+            ro,
+            direct: nocache,
+            logical,
+            physical,
+            discard: !nodelete && !ro && is_file,
+            serial: id,
+        })
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY;
+        if self.ro {
+            f |= F_RO;
+        } else {
+            f |= F_WRITE_ZEROES;
+            if self.discard {
+                f |= F_DISCARD;
+            }
+        }
+        f
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&(self.size / SECTOR).to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&self.logical.to_le_bytes());
+        c[24] = (self.physical / self.logical).trailing_zeros() as u8;
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        let max_sectors = (u32::MAX / SECTOR as u32).to_le_bytes();
+        c[36..40].copy_from_slice(&max_sectors);
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&(self.logical / SECTOR as u32).to_le_bytes());
+        c[48..52].copy_from_slice(&max_sectors);
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[56] = u8::from(self.discard);
+        c
+    }
+}
+
+/// A parsed request, ready for an I/O thread.
+struct Request {
+    head: u16,
+    kind: u32,
+    sector: u64,
+    /// Data segments in guest memory, in order.
+    segs: Vec<(GuestAddress, u32)>,
+    status: GuestAddress,
+}
+
+/// A finished request: what goes in the used ring.
+struct Done {
+    head: u16,
+    status: GuestAddress,
+    status_code: u8,
+    /// Bytes written into guest buffers (including the status byte).
+    len: u32,
+}
+
+/// Splits a chain into header, data segments and status; None for a malformed chain.
+fn parse(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<Request> {
+    let head = chain.head_index();
+    let descs: Vec<_> = chain.collect();
+    let (first, rest) = descs.split_first()?;
+    let (last, data) = rest.split_last()?;
+    if first.is_write_only() || first.len() < 16 || !last.is_write_only() || last.len() < 1 {
+        return None;
+    }
+    let kind: u32 = mem.read_obj(first.addr()).ok()?;
+    let sector: u64 = mem.read_obj(first.addr().checked_add(8)?).ok()?;
+    let writes_guest = kind == T_IN || kind == T_GET_ID;
+    let mut segs = Vec::with_capacity(data.len());
+    for d in data {
+        // Data direction must match the request type; sizes are bounded.
+        if d.is_write_only() != writes_guest || d.len() > SIZE_MAX {
+            return None;
+        }
+        segs.push((d.addr(), d.len()));
+    }
+    if segs.len() > SEG_MAX as usize {
+        return None;
+    }
+    // The status byte is the last byte of the last descriptor.
+    let status = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    Some(Request {
+        head,
+        kind,
+        sector,
+        segs,
+        status,
+    })
+}
+
+/// A sector-aligned buffer (O_DIRECT needs aligned memory).
+struct Bounce {
+    ptr: *mut u8,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+impl Bounce {
+    fn new(len: usize) -> Option<Bounce> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).ok()?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Bounce { ptr, len, layout })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of `len` (<= layout size) initialised bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> bool {
+    // SAFETY: fallocate on an open descriptor with plain integer arguments.
+    unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) == 0 }
+}
+
+/// Executes one request against the disk; returns (status, bytes written to the guest).
+fn execute(disk: &Disk, mem: &GuestMemoryMmap, r: &Request) -> (u8, u32) {
+    let total: u64 = r.segs.iter().map(|s| u64::from(s.1)).sum();
+    let off = r.sector.checked_mul(SECTOR);
+    let in_range = |len: u64| {
+        off.and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= disk.size)
+    };
+    match r.kind {
+        T_IN | T_OUT => {
+            if !in_range(total) || !total.is_multiple_of(SECTOR) {
+                return (S_IOERR, 0);
+            }
+            if r.kind == T_OUT && disk.ro {
+                return (S_IOERR, 0);
+            }
+            let Some(mut buf) = Bounce::new(total as usize) else {
+                return (S_IOERR, 0);
+            };
+            let b = buf.as_mut();
+            let base = off.unwrap_or(0);
+            if r.kind == T_IN {
+                if disk.file.read_exact_at(b, base).is_err() {
+                    return (S_IOERR, 0);
+                }
+                let mut at = 0usize;
+                for (addr, len) in &r.segs {
+                    let l = *len as usize;
+                    if mem.write_slice(&b[at..at + l], *addr).is_err() {
+                        return (S_IOERR, 0);
+                    }
+                    at += l;
+                }
+                (S_OK, total as u32)
+            } else {
+                let mut at = 0usize;
+                for (addr, len) in &r.segs {
+                    let l = *len as usize;
+                    if mem.read_slice(&mut b[at..at + l], *addr).is_err() {
+                        return (S_IOERR, 0);
+                    }
+                    at += l;
+                }
+                match disk.file.write_all_at(b, base) {
+                    Ok(()) => (S_OK, 0),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+        }
+        // The guest was told the data is durable: it must reach the disk.
+        T_FLUSH => match disk.file.sync_data() {
+            Ok(()) => (S_OK, 0),
+            Err(_) => (S_IOERR, 0),
+        },
+        T_GET_ID => {
+            let mut left = ID_BYTES;
+            let mut n = 0u32;
+            for (addr, len) in &r.segs {
+                let l = (*len as usize).min(left);
+                if mem
+                    .write_slice(&disk.serial[ID_BYTES - left..ID_BYTES - left + l], *addr)
+                    .is_err()
+                {
+                    return (S_IOERR, n);
+                }
+                left -= l;
+                n += l as u32;
+            }
+            (S_OK, n)
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            if disk.ro || (r.kind == T_DISCARD && !disk.discard) {
+                return (S_UNSUPP, 0);
+            }
+            // Segments of {sector u64, num_sectors u32, flags u32}.
+            for (addr, len) in &r.segs {
+                let mut p = *addr;
+                let end = addr.0 + u64::from(*len);
+                while p.0 + 16 <= end {
+                    let (Ok(sector), Ok(count)) = (
+                        mem.read_obj::<u64>(p),
+                        mem.read_obj::<u32>(GuestAddress(p.0 + 8)),
+                    ) else {
+                        return (S_IOERR, 0);
+                    };
+                    let (o, l) = (sector.saturating_mul(SECTOR), u64::from(count) * SECTOR);
+                    if o.checked_add(l).is_none_or(|e| e > disk.size) {
+                        return (S_IOERR, 0);
+                    }
+                    let mode = if r.kind == T_DISCARD {
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                    };
+                    if !fallocate(&disk.file, mode, o, l) {
+                        if r.kind == T_DISCARD {
+                            return (S_UNSUPP, 0);
+                        }
+                        // No ZERO_RANGE here (a block device): write zeros.
+                        let zeros = vec![0u8; 64 << 10];
+                        let mut at = o;
+                        while at < o + l {
+                            let n = (o + l - at).min(zeros.len() as u64) as usize;
+                            if disk.file.write_all_at(&zeros[..n], at).is_err() {
+                                return (S_IOERR, 0);
+                            }
+                            at += n as u64;
+                        }
+                    }
+                    p = GuestAddress(p.0 + 16);
+                }
+            }
+            (S_OK, 0)
+        }
+        _ => (S_UNSUPP, 0),
+    }
+}
+
+pub struct Blk {
+    disk: Arc<Disk>,
+    worker: Option<Worker>,
+    pool: Vec<JoinHandle<()>>,
+    jobs: Option<Sender<Request>>,
+}
+
+impl Blk {
+    pub fn new(cfg: &Config, prefix: &str) -> Result<Self, String> {
+        let disk = Disk::open(cfg, prefix)?;
+        if disk.direct {
+            log::info!("virtio-blk: nocache: O_DIRECT with aligned bounce buffers");
+        }
+        Ok(Blk {
+            disk: Arc::new(disk),
+            worker: None,
+            pool: Vec::new(),
+            jobs: None,
+        })
+    }
+
+    fn start_pool(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        done: Arc<Mutex<Vec<Done>>>,
+        done_evt: &EventFd,
+    ) -> Result<Sender<Request>, String> {
+        let (tx, rx) = channel::<Request>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..IO_THREADS {
+            let rx: Arc<Mutex<Receiver<Request>>> = rx.clone();
+            let (disk, mem, done) = (self.disk.clone(), mem.clone(), done.clone());
+            let evt = done_evt.try_clone().map_err(|e| e.to_string())?;
+            let h = std::thread::Builder::new()
+                .name(format!("virtio-blk io{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(r) = job else { return };
+                    let (status_code, len) = execute(&disk, &mem, &r);
+                    done.lock().unwrap_or_else(|p| p.into_inner()).push(Done {
+                        head: r.head,
+                        status: r.status,
+                        status_code,
+                        len,
+                    });
+                    let _ = evt.write(1);
+                })
+                .map_err(|e| e.to_string())?;
+            self.pool.push(h);
+        }
+        Ok(tx)
+    }
+}
+
+impl VirtioDevice for Blk {
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+    fn device_type(&self) -> u16 {
+        2
+    }
+    fn pci_class(&self) -> (u8, u8) {
+        (0x01, 0x80)
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        self.disk.features()
+    }
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.disk.config();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| c.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _acked: u64,
+        mut queues: Vec<ActiveQueue>,
+        irq: Arc<VirtioIrq>,
+    ) -> Result<(), String> {
+        let Some(mut q) = queues.pop() else {
+            return Err("virtio-blk: the driver enabled no queue".into());
+        };
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let done_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let jobs = self.start_pool(&mem, done.clone(), &done_evt)?;
+        self.jobs = Some(jobs.clone());
+        let fds = vec![q.notify.as_raw_fd(), done_evt.as_raw_fd()];
+        let bad = AtomicU64::new(0);
+        self.worker = Some(Worker::spawn("virtio-blk".into(), fds, move |token| {
+            let mut used_any = false;
+            if token == 0 {
+                drain(&q.notify);
+                while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
+                    let head = chain.head_index();
+                    match parse(chain, &mem) {
+                        Some(r) => {
+                            if jobs.send(r).is_err() {
+                                return false;
+                            }
+                        }
+                        None => {
+                            if rate_limited(&bad) {
+                                log::warn!(
+                                    "virtio-blk: malformed request (descriptor {head}) failed"
+                                );
+                            }
+                            // No usable status byte: complete it empty.
+                            let _ = q.queue.add_used(&mem, head, 0);
+                            used_any = true;
+                        }
+                    }
+                }
+            } else {
+                drain(&done_evt);
+                let finished = std::mem::take(&mut *done.lock().unwrap_or_else(|p| p.into_inner()));
+                for d in finished {
+                    let _ = mem.write_obj(d.status_code, d.status);
+                    let _ = q.queue.add_used(&mem, d.head, d.len + 1);
+                    used_any = true;
+                }
+            }
+            if used_any && q.queue.needs_notification(&mem).unwrap_or(true) {
+                irq.signal_queue(q.index);
+            }
+            true
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        // Closing the job channel ends the pool threads once in-flight requests finish.
+        self.jobs = None;
+        for h in self.pool.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// bhyve's legacy form: `-s N,virtio-blk,PATH[,opt...]`: the first bare item is the path.
+pub fn legacy_config(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), String> {
+    let mut items = opts.split(',').filter(|s| !s.is_empty());
+    let rest: Vec<&str> = match items.next() {
+        Some(first) if !first.contains('=') => {
+            cfg.set(&format!("{prefix}.path"), first)
+                .map_err(|e| e.to_string())?;
+            items.collect()
+        }
+        Some(first) => std::iter::once(first).chain(items).collect(),
+        None => Vec::new(),
+    };
+    crate::pci::parse_generic_options(cfg, prefix, &rest.join(","))
+}
