@@ -194,3 +194,110 @@ fn bad_virtio_blk_configurations_are_one_line_and_status_4() {
     }
     std::fs::remove_file(&img).unwrap();
 }
+
+/// A network namespace this test owns; removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("rhyve-{tag}-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip (iproute2)");
+        assert!(
+            st.success(),
+            "cannot create network namespace {name} (needs root)"
+        );
+        Netns(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn virtio_net_carries_frames_both_ways_through_a_tap_in_a_private_netns() {
+    require_kvm();
+    let ns = Netns::new("net");
+    let bootrom = format!("bootrom,{}", rom("virtio_net"));
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_rhyve")])
+        .args(["-s", "4,virtio-net,tap0,mac=52:54:00:12:34:56"])
+        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // rhyve creates tap0 inside the namespace; give it the host side's address there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ns.exec(&["ip", "link", "show", "tap0"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "tap0 never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ns
+        .exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "tap0"])
+        .status
+        .success());
+    assert!(ns
+        .exec(&["ip", "link", "set", "tap0", "up"])
+        .status
+        .success());
+    // The guest answers ARP only (no ICMP replies): ping just makes the host send an ARP
+    // request and then, having learnt the guest's MAC from the reply, an echo request.
+    let _ = ns.exec(&["ping", "-c", "3", "-i", "0.5", "-W", "1", "10.77.0.2"]);
+    let r = wait_with_deadline(child, std::time::Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(value(&r.stdout, "ids "), 0x1041_1af4);
+    assert!(r.stdout.contains("mac 52:54:00:12:34:56"), "{}", r.stdout);
+    assert!(r.stdout.contains("arp reply sent"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("icmp echo request received, dst mac 52:54:00:12:34:56"),
+        "the host used the MAC from the guest's reply: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn bad_virtio_net_configurations_are_one_line_and_status_4() {
+    require_kvm();
+    let ns = Netns::new("netbad");
+    let rom = format!("bootrom,{}", rom("null"));
+    for (dev, want) in [
+        (
+            "4,virtio-net,/nonexistent/tap",
+            "cannot open tap /nonexistent/tap",
+        ),
+        (
+            "4,virtio-net,averyveryverylongtapname",
+            "1 to 15 characters",
+        ),
+        (
+            "4,virtio-net,tap0,mac=01:00:00:00:00:01",
+            "not a unicast MAC",
+        ),
+        ("4,virtio-net,tap0,mtu=20", "mtu=20"),
+        ("4,virtio-net", "needs a backend"),
+    ] {
+        let out = ns.exec(&[env!("CARGO_BIN_EXE_rhyve"), "-s", dev, "-l", &rom, "vm"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{dev}: {stderr}");
+        assert!(stderr.contains(want), "{dev}: want {want:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}

@@ -17,7 +17,8 @@ pub mod root;
 use std::sync::Arc;
 
 use crate::hypervisor::irq::IrqRouter;
-use crate::virtio::blk::{self, Blk};
+use crate::virtio::blk::Blk;
+use crate::virtio::net::Net;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::rng::Rng;
 use vm_memory::GuestMemoryMmap;
@@ -44,6 +45,10 @@ fn virtio_rnd(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn Pc
 
 fn virtio_blk(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
     VirtioPci::create(ctx, Box::new(Blk::new(cfg, prefix)?))
+}
+
+fn virtio_net(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
+    VirtioPci::create(ctx, Box::new(Net::new(cfg, prefix)?))
 }
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.
@@ -100,8 +105,15 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
             "nodelete",
             "ser",
         ],
-        legacy_config: Some(blk::legacy_config),
+        legacy_config: Some(blk_options),
         init: virtio_blk,
+    },
+    PciEmulation {
+        name: "virtio-net",
+        description: "virtio network: tapN or /dev/tapN path[,mac=xx:xx:xx:xx:xx:xx][,mtu=N]",
+        keys: &["backend", "mac", "mtu"],
+        legacy_config: Some(net_options),
+        init: virtio_net,
     },
     PciEmulation {
         name: "virtio-rnd",
@@ -175,6 +187,31 @@ pub fn parse_generic_options(cfg: &mut Config, prefix: &str, opts: &str) -> Resu
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// bhyve's legacy form for devices with a backend: the first item, if it is not `name=value`,
+/// is the backend (`path` for disks, `backend` for network), the rest the generic list.
+pub fn parse_backend_options(
+    cfg: &mut Config,
+    prefix: &str,
+    opts: &str,
+    key: &str,
+) -> Result<(), String> {
+    let (first, rest) = opts.split_once(',').unwrap_or((opts, ""));
+    if first.is_empty() || first.contains('=') {
+        return parse_generic_options(cfg, prefix, opts);
+    }
+    cfg.set(&format!("{prefix}.{key}"), first)
+        .map_err(|e| e.to_string())?;
+    parse_generic_options(cfg, prefix, rest)
+}
+
+fn blk_options(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), String> {
+    parse_backend_options(cfg, prefix, opts, "path")
+}
+
+fn net_options(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), String> {
+    parse_backend_options(cfg, prefix, opts, "backend")
 }
 
 /// `-s [bus:]slot[:func],emulation[,conf]`.

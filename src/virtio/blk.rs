@@ -548,18 +548,3 @@ impl VirtioDevice for Blk {
         }
     }
 }
-
-/// bhyve's legacy form: `-s N,virtio-blk,PATH[,opt...]`: the first bare item is the path.
-pub fn legacy_config(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), String> {
-    let mut items = opts.split(',').filter(|s| !s.is_empty());
-    let rest: Vec<&str> = match items.next() {
-        Some(first) if !first.contains('=') => {
-            cfg.set(&format!("{prefix}.path"), first)
-                .map_err(|e| e.to_string())?;
-            items.collect()
-        }
-        Some(first) => std::iter::once(first).chain(items).collect(),
-        None => Vec::new(),
-    };
-    crate::pci::parse_generic_options(cfg, prefix, &rest.join(","))
-}

@@ -3,6 +3,7 @@
 //! thread that serves a device's queues off the vCPU threads. `pci.rs` is the PCI transport.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod rng;
 
@@ -127,20 +128,35 @@ pub struct Worker {
 const KILL_TOKEN: u64 = u64::MAX;
 
 impl Worker {
-    /// Starts a thread named `name` watching `fds` (token = index in `fds`).
-    pub fn spawn<F>(name: String, fds: Vec<i32>, mut handler: F) -> Result<Worker, String>
+    /// Starts a thread named `name` watching `fds` (token = index in `fds`), level-triggered.
+    pub fn spawn<F>(name: String, fds: Vec<i32>, handler: F) -> Result<Worker, String>
+    where
+        F: FnMut(usize) -> bool + Send + 'static,
+    {
+        let fds = fds.into_iter().map(|fd| (fd, false)).collect();
+        Self::spawn_with(name, fds, handler)
+    }
+
+    /// Like `spawn`, with each fd marked edge-triggered or not (a tap the device drains only
+    /// while the guest has buffers must be edge-triggered, or the thread would spin).
+    pub fn spawn_with<F>(
+        name: String,
+        fds: Vec<(i32, bool)>,
+        mut handler: F,
+    ) -> Result<Worker, String>
     where
         F: FnMut(usize) -> bool + Send + 'static,
     {
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let epoll = Epoll::new().map_err(|e| e.to_string())?;
-        for (i, fd) in fds.iter().enumerate() {
+        for (i, (fd, edge)) in fds.iter().enumerate() {
+            let set = if *edge {
+                EventSet::IN | EventSet::EDGE_TRIGGERED
+            } else {
+                EventSet::IN
+            };
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    *fd,
-                    EpollEvent::new(EventSet::IN, i as u64),
-                )
+                .ctl(ControlOperation::Add, *fd, EpollEvent::new(set, i as u64))
                 .map_err(|e| e.to_string())?;
         }
         epoll

@@ -1,0 +1,420 @@
+//! virtio-net over a Linux tap (virtio 1.2 §5.1; bhyve `pci_virtio_net.c` with `net_backends.c`):
+//! one rx and one tx queue, the 12-byte virtio-net header passed through to the tap
+//! (IFF_VNET_HDR), checksum and TSO offloads negotiated with the tap, mergeable rx buffers.
+//! rx and tx run on the device's worker thread, never on a vCPU.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::pci::rate_limited;
+use super::{drain, ActiveQueue, VirtioDevice, VirtioIrq, Worker};
+use crate::config::{parse_u64, Config};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: u16 = 0;
+const TX: u16 = 1;
+/// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+const HDR_LEN: usize = 12;
+/// Largest frame with its header: 64 KiB GSO payload plus headers.
+const MAX_FRAME: usize = 65_562;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+const STATUS_LINK_UP: u16 = 1;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens tap `name` (creating it if this process may), or a tap character device path.
+fn open_tap(backend: &str) -> Result<File, String> {
+    let err = |what: &str, e: std::io::Error| {
+        format!("cannot open tap {backend}: {what}: {e} (a tap needs CAP_NET_ADMIN, or one created for this user)")
+    };
+    let path = if backend.starts_with('/') {
+        backend
+    } else {
+        "/dev/net/tun"
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags_nonblock()
+        .open(path)
+        .map_err(|e| err(path, e))?;
+    if !backend.starts_with('/') {
+        if backend.is_empty() || backend.len() >= libc::IFNAMSIZ {
+            return Err(format!("tap name '{backend}' must be 1 to 15 characters"));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..backend.len()].copy_from_slice(backend.as_bytes());
+        // SAFETY: TUNSETIFF reads an ifreq from a valid pointer to a properly sized struct.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &req) } < 0 {
+            return Err(err("TUNSETIFF", std::io::Error::last_os_error()));
+        }
+    }
+    let hdr = HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads an int from a valid pointer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+        return Err(err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// `custom_flags(O_NONBLOCK)` without pulling OpenOptionsExt into every caller.
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_NONBLOCK)
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    // Unicast and not all zero.
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+pub struct Net {
+    tap: Arc<File>,
+    mac: [u8; 6],
+    mtu: Option<u16>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    pub fn new(cfg: &Config, prefix: &str) -> Result<Self, String> {
+        let get = |k: &str| cfg.get(&format!("{prefix}.{k}")).map_err(|e| e.to_string());
+        let backend =
+            get("backend")?.ok_or("needs a backend: -s SLOT,virtio-net,tapN[,mac=..][,mtu=..]")?;
+        let mac = match get("mac")? {
+            Some(m) => parse_mac(&m)
+                .ok_or_else(|| format!("mac={m} is not a unicast MAC address xx:xx:xx:xx:xx:xx"))?,
+            None => {
+                // Stable per VM name and slot, in bhyve's OUI 58:9c:fc, locally administered.
+                let seed = format!("{}{prefix}", cfg.get_raw("name").unwrap_or(""));
+                let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+                [0x58, 0x9c, 0xfc, (h >> 16) as u8, (h >> 8) as u8, h as u8]
+            }
+        };
+        let mtu = match get("mtu")? {
+            None => None,
+            Some(m) => Some(
+                parse_u64(&m)
+                    .filter(|n| (68..=65_535).contains(n))
+                    .ok_or_else(|| format!("mtu={m} must be from 68 to 65535"))?
+                    as u16,
+            ),
+        };
+        let tap = open_tap(&backend)?;
+        Ok(Net {
+            tap: Arc::new(tap),
+            mac,
+            mtu,
+            worker: None,
+        })
+    }
+}
+
+/// Frames on their way from the tap to the guest.
+struct Rx {
+    frame: Vec<u8>,
+    /// A frame read from the tap that found no guest buffer yet.
+    pending: usize,
+    mrg: bool,
+}
+
+impl Rx {
+    /// Copies the pending frame into as many rx chains as it needs (one without mergeable
+    /// buffers). Returns false when the guest has no buffer for it.
+    fn deliver(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryMmap, bad: &AtomicU64) -> bool {
+        let frame = &mut self.frame[..self.pending];
+        let mut off = 0usize;
+        let mut chains: Vec<(u16, u32)> = Vec::new();
+        let mut first_hdr = None;
+        while off < frame.len() {
+            let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+                // Not enough buffers: give back what we took and wait for more.
+                for _ in &chains {
+                    q.queue.go_to_previous_position();
+                }
+                return false;
+            };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            for d in chain {
+                if !d.is_write_only() || off >= frame.len() {
+                    continue;
+                }
+                let n = (d.len() as usize).min(frame.len() - off);
+                if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
+                    if rate_limited(bad) {
+                        log::warn!("virtio-net: rx buffer outside guest memory");
+                    }
+                    break;
+                }
+                if first_hdr.is_none() && off == 0 && n >= HDR_LEN {
+                    first_hdr = Some(d.addr());
+                }
+                off += n;
+                written += n as u32;
+            }
+            chains.push((head, written));
+            if !self.mrg {
+                break;
+            }
+        }
+        // num_buffers, in the header of the first chain.
+        if let Some(h) = first_hdr {
+            let _ = mem.write_obj(chains.len() as u16, vm_memory::GuestAddress(h.0 + 10));
+        }
+        for (head, len) in chains {
+            let _ = q.queue.add_used(mem, head, len);
+        }
+        self.pending = 0;
+        true
+    }
+}
+
+/// Sends every frame the guest queued for transmission to the tap.
+fn transmit(
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    tap: &File,
+    buf: &mut Vec<u8>,
+    bad: &AtomicU64,
+) -> bool {
+    let mut used_any = false;
+    while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        buf.clear();
+        let mut ok = true;
+        for d in chain {
+            if d.is_write_only() {
+                continue;
+            }
+            let start = buf.len();
+            let n = d.len() as usize;
+            if start + n > MAX_FRAME {
+                ok = false;
+                break;
+            }
+            buf.resize(start + n, 0);
+            if mem.read_slice(&mut buf[start..], d.addr()).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok && buf.len() > HDR_LEN {
+            if let Err(e) = (&*tap).write(buf) {
+                if rate_limited(bad) {
+                    log::warn!("virtio-net: tap write: {e}");
+                }
+            }
+        } else if rate_limited(bad) {
+            log::warn!("virtio-net: malformed tx chain dropped");
+        }
+        let _ = q.queue.add_used(mem, head, 0);
+        used_any = true;
+    }
+    used_any
+}
+
+impl VirtioDevice for Net {
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+    fn device_type(&self) -> u16 {
+        1
+    }
+    fn pci_class(&self) -> (u8, u8) {
+        (0x02, 0x00)
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_CSUM
+            | F_GUEST_CSUM
+            | F_MAC
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_MRG_RXBUF
+            | F_STATUS;
+        if self.mtu.is_some() {
+            f |= F_MTU;
+        }
+        f
+    }
+    fn config_len(&self) -> usize {
+        12
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.unwrap_or(1500).to_le_bytes());
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked: u64,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<VirtioIrq>,
+    ) -> Result<(), String> {
+        let mut rxq = None;
+        let mut txq = None;
+        for q in queues {
+            match q.index {
+                RX => rxq = Some(q),
+                TX => txq = Some(q),
+                _ => {}
+            }
+        }
+        let (Some(mut rxq), Some(mut txq)) = (rxq, txq) else {
+            return Err("virtio-net: the driver must enable the rx and tx queues".into());
+        };
+        // Offloads the guest accepts on rx are what the tap may hand us.
+        let mut off: libc::c_uint = 0;
+        if acked & F_GUEST_CSUM != 0 {
+            off |= TUN_F_CSUM;
+            if acked & F_GUEST_TSO4 != 0 {
+                off |= TUN_F_TSO4;
+            }
+            if acked & F_GUEST_TSO6 != 0 {
+                off |= TUN_F_TSO6;
+            }
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe {
+            libc::ioctl(
+                self.tap.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(off),
+            )
+        } < 0
+        {
+            return Err(format!(
+                "TUNSETOFFLOAD: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let tap = self.tap.clone();
+        let fds = vec![
+            (rxq.notify.as_raw_fd(), false),
+            (txq.notify.as_raw_fd(), false),
+            (tap.as_raw_fd(), true),
+        ];
+        let mut rx = Rx {
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            mrg: acked & F_MRG_RXBUF != 0,
+        };
+        let mut txbuf = Vec::with_capacity(MAX_FRAME);
+        let bad = AtomicU64::new(0);
+        self.worker = Some(Worker::spawn_with(
+            "virtio-net".into(),
+            fds,
+            move |token| {
+                match token {
+                    0 | 2 => {
+                        if token == 0 {
+                            drain(&rxq.notify);
+                        }
+                        let mut delivered = false;
+                        loop {
+                            if rx.pending == 0 {
+                                match (&*tap).read(&mut rx.frame) {
+                                    Ok(n) if n > HDR_LEN => {
+                                        log::trace!("virtio-net: {n} bytes from the tap");
+                                        rx.pending = n
+                                    }
+                                    Ok(_) => continue,
+                                    // Drained (EAGAIN) or the tap went away.
+                                    Err(_) => break,
+                                }
+                            }
+                            if !rx.deliver(&mut rxq, &mem, &bad) {
+                                log::trace!("virtio-net: no rx buffer, frame held");
+                                break;
+                            }
+                            delivered = true;
+                        }
+                        if delivered && rxq.queue.needs_notification(&mem).unwrap_or(true) {
+                            irq.signal_queue(RX);
+                        }
+                    }
+                    _ => {
+                        drain(&txq.notify);
+                        if transmit(&mut txq, &mem, &tap, &mut txbuf, &bad)
+                            && txq.queue.needs_notification(&mem).unwrap_or(true)
+                        {
+                            irq.signal_queue(TX);
+                        }
+                    }
+                }
+                true
+            },
+        )?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
