@@ -548,3 +548,179 @@ impl VirtioDevice for Blk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as Desc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn disk(tag: &str, ro: bool) -> (Disk, std::path::PathBuf) {
+        let p = std::env::temp_dir().join(format!("rhyve-blk-{tag}-{}.img", std::process::id()));
+        std::fs::write(&p, vec![0x5au8; 64 << 10]).unwrap();
+        let mut c = Config::new();
+        c.set("pci.0.4.0.path", p.to_str().unwrap()).unwrap();
+        if ro {
+            c.set("pci.0.4.0.ro", "true").unwrap();
+        }
+        (Disk::open(&c, "pci.0.4.0").unwrap(), p)
+    }
+
+    /// Puts `descs` in the table as one chain at index 0 and makes it available.
+    fn chain(m: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> Queue {
+        let vq = MockSplitQueue::create(m, GuestAddress(0x8000), 16);
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let next = if flags & NEXT != 0 { i as u16 + 1 } else { 0 };
+            let d = RawDescriptor::from(Desc::new(addr, len, flags, next));
+            vq.desc_table().store(i as u16, d).unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        vq.create_queue().unwrap()
+    }
+
+    fn header(m: &GuestMemoryMmap, kind: u32, sector: u64) {
+        m.write_obj(kind, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0u32, GuestAddress(0x1004)).unwrap();
+        m.write_obj(sector, GuestAddress(0x1008)).unwrap();
+    }
+
+    fn run(m: &GuestMemoryMmap, d: &Disk, descs: &[(u64, u32, u16)]) -> Option<(u8, u32)> {
+        let mut q = chain(m, descs);
+        let c = q.pop_descriptor_chain(m)?;
+        let r = parse(c, m)?;
+        Some(execute(d, m, &r))
+    }
+
+    #[test]
+    fn write_then_read_round_trips_and_flush_syncs() {
+        let m = mem();
+        let (d, path) = disk("rw", false);
+        m.write_slice(&[7u8; 1024], GuestAddress(0x2000)).unwrap();
+        header(&m, T_OUT, 3);
+        let descs = [(0x1000, 16, NEXT), (0x2000, 1024, NEXT), (0x3000, 1, WRITE)];
+        assert_eq!(run(&m, &d, &descs), Some((S_OK, 0)));
+        header(&m, T_IN, 3);
+        let descs = [
+            (0x1000, 16, NEXT),
+            (0x4000, 512, NEXT | WRITE),
+            (0x4200, 512, NEXT | WRITE),
+            (0x3000, 1, WRITE),
+        ];
+        assert_eq!(run(&m, &d, &descs), Some((S_OK, 1024)));
+        let mut back = [0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert_eq!(back, [7u8; 1024]);
+        header(&m, T_FLUSH, 0);
+        assert_eq!(
+            run(&m, &d, &[(0x1000, 16, NEXT), (0x3000, 1, WRITE)]),
+            Some((S_OK, 0))
+        );
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[3 * 512..5 * 512], &[7u8; 1024][..]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn hostile_requests_fail_cleanly() {
+        let m = mem();
+        let (d, path) = disk("hostile", false);
+        header(&m, T_IN, 0);
+        // Header the device would write: malformed.
+        assert_eq!(
+            run(&m, &d, &[(0x1000, 16, NEXT | WRITE), (0x3000, 1, WRITE)]),
+            None
+        );
+        // No status descriptor.
+        assert_eq!(run(&m, &d, &[(0x1000, 16, 0)]), None);
+        // Status descriptor the device may not write.
+        assert_eq!(run(&m, &d, &[(0x1000, 16, NEXT), (0x3000, 1, 0)]), None);
+        // Data in the wrong direction for a read.
+        assert_eq!(
+            run(
+                &m,
+                &d,
+                &[(0x1000, 16, NEXT), (0x4000, 512, NEXT), (0x3000, 1, WRITE)]
+            ),
+            None
+        );
+        // A data buffer outside guest memory: IOERR, nothing touched.
+        let outside = [
+            (0x1000, 16, NEXT),
+            (0xfff_0000, 512, NEXT | WRITE),
+            (0x3000, 1, WRITE),
+        ];
+        assert_eq!(run(&m, &d, &outside), Some((S_IOERR, 0)));
+        // Sector numbers that overflow or run past the end.
+        header(&m, T_IN, u64::MAX);
+        let read = [
+            (0x1000, 16, NEXT),
+            (0x4000, 512, NEXT | WRITE),
+            (0x3000, 1, WRITE),
+        ];
+        assert_eq!(run(&m, &d, &read), Some((S_IOERR, 0)));
+        header(&m, T_IN, 128);
+        assert_eq!(
+            run(&m, &d, &read),
+            Some((S_IOERR, 0)),
+            "one past the 64 KiB disk"
+        );
+        // A transfer that is not whole sectors.
+        header(&m, T_IN, 0);
+        let partial = [
+            (0x1000, 16, NEXT),
+            (0x4000, 100, NEXT | WRITE),
+            (0x3000, 1, WRITE),
+        ];
+        assert_eq!(run(&m, &d, &partial), Some((S_IOERR, 0)));
+        // An unknown request type.
+        header(&m, 99, 0);
+        assert_eq!(
+            run(&m, &d, &[(0x1000, 16, NEXT), (0x3000, 1, WRITE)]),
+            Some((S_UNSUPP, 0))
+        );
+        // A descriptor that chains to itself: iteration stops at the queue size and the
+        // request is rejected (its last descriptor is not a writable status byte).
+        header(&m, T_IN, 0);
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        let looped = RawDescriptor::from(Desc::new(0x1000, 16, NEXT, 0));
+        vq.desc_table().store(0, looped).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let c = q
+            .pop_descriptor_chain(&m)
+            .expect("the looping chain is offered");
+        assert!(parse(c, &m).is_none());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let m = mem();
+        let (d, path) = disk("ro", true);
+        assert_ne!(d.features() & F_RO, 0);
+        header(&m, T_OUT, 0);
+        let w = [(0x1000, 16, NEXT), (0x2000, 512, NEXT), (0x3000, 1, WRITE)];
+        assert_eq!(run(&m, &d, &w), Some((S_IOERR, 0)));
+        header(&m, T_WRITE_ZEROES, 0);
+        assert_eq!(
+            run(
+                &m,
+                &d,
+                &[(0x1000, 16, NEXT), (0x2000, 16, NEXT), (0x3000, 1, WRITE)]
+            ),
+            Some((S_UNSUPP, 0))
+        );
+        assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0x5a));
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -120,3 +120,54 @@ impl VirtioDevice for Rng {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as Desc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    #[test]
+    fn fills_writable_buffers_and_skips_bad_ones() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        // Chain 0: one 64-byte writable buffer. Chain 1: readable only. Chain 2: outside RAM.
+        let descs = [
+            (0x1000u64, 64u32, 2u16),
+            (0x2000, 64, 0),
+            (0xfff_0000, 64, 2),
+        ];
+        for (i, (a, l, f)) in descs.into_iter().enumerate() {
+            vq.desc_table()
+                .store(i as u16, RawDescriptor::from(Desc::new(a, l, f, 0)))
+                .unwrap();
+            vq.avail().ring().ref_at(i).unwrap().store(i as u16);
+        }
+        vq.avail().idx().store(3);
+        let mut q = ActiveQueue {
+            index: 0,
+            queue: vq.create_queue().unwrap(),
+            notify: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        };
+        assert!(process(&mut q, &m, &AtomicU64::new(0)));
+        let used_len = |i: u64| {
+            m.read_obj::<u32>(vq.used_addr().unchecked_add(4 + 8 * i + 4))
+                .unwrap()
+        };
+        assert_eq!(
+            m.read_obj::<u16>(vq.used_addr().unchecked_add(2)).unwrap(),
+            3
+        );
+        assert_eq!(used_len(0), 64);
+        assert_eq!(used_len(1), 0, "readable buffers get nothing");
+        assert_eq!(
+            used_len(2),
+            0,
+            "a buffer outside RAM gets nothing, and no panic"
+        );
+        let mut b = [0u8; 64];
+        m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_ne!(b, [0u8; 64]);
+    }
+}
