@@ -150,3 +150,24 @@ fn msix_vectors_are_delivered_masked_pending_and_released_on_unmask() {
         );
     }
 }
+
+#[test]
+fn msi_is_delivered_held_while_masked_and_silent_when_disabled() {
+    let r = run_rom("msi", &["-s", "4,dummy"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let out = &r.stdout;
+    // 64-bit address capable, per-vector masking, one message.
+    assert_eq!(value(out, "MSI control "), 0x180);
+    for line in [
+        "delivered: count 1",
+        "masked: count 1",
+        "pending 00000001",
+        "unmasked: count 2",
+        "disabled: count 2",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+}

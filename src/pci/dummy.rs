@@ -1,10 +1,12 @@
 //! `dummy`: a test device like bhyve's PCI_EMUL_TEST (`pci_emul.c`): IDs 0x10DD:0x0001, an I/O
 //! BAR, a 32-bit and a 64-bit memory BAR, each backed by plain storage the guest can write and
-//! read back, so BAR sizing, moves and decode can be checked from a guest; and MSI-X with four
-//! vectors (table and PBA in BAR 4): writing N to the last dword of the I/O BAR raises vector N.
+//! read back, so BAR sizing, moves and decode can be checked from a guest; MSI-X with four
+//! vectors (table and PBA in BAR 4): writing N to the last dword of the I/O BAR raises vector N;
+//! and one MSI vector, raised by a write to the dword before it.
 
 use super::config::{BarKind, ConfigSpace};
 use super::device::PciDevice;
+use super::msi::Msi;
 use super::msix::Msix;
 use super::PciInitCtx;
 use crate::config::Config;
@@ -14,6 +16,8 @@ pub const MEM32_SIZE: u64 = 4096;
 pub const MEM64_SIZE: u64 = 8192;
 /// I/O BAR offset whose write raises the MSI-X vector written.
 pub const IO_FIRE: u64 = 0x1c;
+/// I/O BAR offset whose write raises the MSI vector.
+pub const IO_FIRE_MSI: u64 = 0x18;
 const MSIX_BAR: usize = 4;
 const MSIX_VECTORS: u16 = 4;
 const MSIX_PBA: u32 = 0x800;
@@ -23,6 +27,7 @@ pub struct Dummy {
     /// Storage behind BAR 0, 1 and 2 (BAR 2 is 64-bit and also uses register 3).
     regs: [Vec<u8>; 3],
     msix: Msix,
+    msi: Msi,
 }
 
 impl Dummy {
@@ -38,6 +43,7 @@ impl Dummy {
         cfg.declare_bar(2, BarKind::Mem64, MEM64_SIZE).map_err(e)?;
         cfg.declare_bar(MSIX_BAR, BarKind::Mem32, 4096).map_err(e)?;
         cfg.set_interrupt_pin(1, 0);
+        let msi = Msi::new(&mut cfg, ctx.router.clone())?;
         let msix = Msix::new(
             &mut cfg,
             MSIX_VECTORS,
@@ -54,6 +60,7 @@ impl Dummy {
                 vec![0; MEM64_SIZE as usize],
             ],
             msix,
+            msi,
         }))
     }
 
@@ -74,8 +81,13 @@ impl PciDevice for Dummy {
     fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.cfg
     }
+    fn config_read(&mut self, off: usize, data: &mut [u8]) {
+        self.msi.update_pending(&mut self.cfg);
+        self.cfg.guest_read(off, data);
+    }
     fn config_written(&mut self, _off: usize, _len: usize) {
         self.msix.config_written(&self.cfg);
+        self.msi.config_written(&self.cfg);
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if bar == MSIX_BAR {
@@ -89,6 +101,9 @@ impl PciDevice for Dummy {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if bar == MSIX_BAR {
             return self.msix.write(offset, data);
+        }
+        if bar == 0 && offset == IO_FIRE_MSI {
+            self.msi.vector().trigger();
         }
         if bar == 0 && offset == IO_FIRE {
             if let Some(v) = data.first().and_then(|n| self.msix.vector(usize::from(*n))) {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod dummy;
 pub mod hostbridge;
 pub mod lpc_bridge;
+pub mod msi;
 pub mod msix;
 pub mod root;
 
