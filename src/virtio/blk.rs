@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -396,8 +396,16 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, r: &Request) -> (u8, u32) {
     }
 }
 
+/// Requests served and queue notifications received, for the benchmark's notify ratio.
+#[derive(Default)]
+pub struct BlkStats {
+    pub requests: AtomicU64,
+    pub notifies: AtomicU64,
+}
+
 pub struct Blk {
     disk: Arc<Disk>,
+    stats: Arc<BlkStats>,
     worker: Option<Worker>,
     pool: Vec<JoinHandle<()>>,
     jobs: Option<Sender<Request>>,
@@ -411,6 +419,7 @@ impl Blk {
         }
         Ok(Blk {
             disk: Arc::new(disk),
+            stats: Arc::new(BlkStats::default()),
             worker: None,
             pool: Vec::new(),
             jobs: None,
@@ -496,28 +505,40 @@ impl VirtioDevice for Blk {
         self.jobs = Some(jobs.clone());
         let fds = vec![q.notify.as_raw_fd(), done_evt.as_raw_fd()];
         let bad = AtomicU64::new(0);
+        let stats = self.stats.clone();
         self.worker = Some(Worker::spawn("virtio-blk".into(), fds, move |token| {
             let mut used_any = false;
             if token == 0 {
-                drain(&q.notify);
-                while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
-                    let head = chain.head_index();
-                    match parse(chain, &mem) {
-                        Some(r) => {
-                            if jobs.send(r).is_err() {
-                                return false;
+                stats
+                    .notifies
+                    .fetch_add(drain(&q.notify), Ordering::Relaxed);
+                // Event suppression: no kicks while we drain; re-enable, then look once more
+                // for requests that raced with re-enabling.
+                loop {
+                    let _ = q.queue.disable_notification(&mem);
+                    while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
+                        let head = chain.head_index();
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
+                        match parse(chain, &mem) {
+                            Some(r) => {
+                                if jobs.send(r).is_err() {
+                                    return false;
+                                }
+                            }
+                            None => {
+                                if rate_limited(&bad) {
+                                    log::warn!(
+                                        "virtio-blk: malformed request (descriptor {head}) failed"
+                                    );
+                                }
+                                // No usable status byte: complete it empty.
+                                let _ = q.queue.add_used(&mem, head, 0);
+                                used_any = true;
                             }
                         }
-                        None => {
-                            if rate_limited(&bad) {
-                                log::warn!(
-                                    "virtio-blk: malformed request (descriptor {head}) failed"
-                                );
-                            }
-                            // No usable status byte: complete it empty.
-                            let _ = q.queue.add_used(&mem, head, 0);
-                            used_any = true;
-                        }
+                    }
+                    if !q.queue.enable_notification(&mem).unwrap_or(false) {
+                        break;
                     }
                 }
             } else {
@@ -540,6 +561,14 @@ impl VirtioDevice for Blk {
     fn reset(&mut self) {
         if let Some(mut w) = self.worker.take() {
             w.stop();
+            let (r, n) = (
+                self.stats.requests.swap(0, Ordering::Relaxed),
+                self.stats.notifies.swap(0, Ordering::Relaxed),
+            );
+            log::info!(
+                "virtio-blk: {r} requests, {n} queue notifications ({:.3} per request)",
+                n as f64 / r.max(1) as f64
+            );
         }
         // Closing the job channel ends the pool threads once in-flight requests finish.
         self.jobs = None;

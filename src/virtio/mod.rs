@@ -211,7 +211,7 @@ impl Drop for Worker {
     }
 }
 
-/// Reads and clears an eventfd's counter (a notify that fired).
-pub fn drain(evt: &EventFd) {
-    let _ = evt.read();
+/// Reads and clears an eventfd's counter; returns how many notifications it had collected.
+pub fn drain(evt: &EventFd) -> u64 {
+    evt.read().unwrap_or(0)
 }
