@@ -301,3 +301,94 @@ fn bad_virtio_net_configurations_are_one_line_and_status_4() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn virtio_console_names_its_ports_and_carries_bytes_over_a_unix_socket() {
+    require_kvm();
+    use std::io::{Read, Write};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("vtcon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (s0, s1) = (dir.join("p0.sock"), dir.join("p1.sock"));
+    let dev = format!(
+        "4,virtio-console,org.rhyve.test={},second={}",
+        s0.display(),
+        s1.display()
+    );
+    let bootrom = format!("bootrom,{}", rom("virtio_console"));
+    let child = spawn(&["-s", &dev, "-l", "com1,stdio", "-l", &bootrom, "vm"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut conn = loop {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&s0) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port socket never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    conn.write_all(b"ping from host").unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"ping from host") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let r = wait_with_deadline(child, std::time::Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        got, b"pong: ping from host",
+        "the guest's reply reached the socket"
+    );
+    let out = &r.stdout;
+    assert_eq!(value(out, "ids "), 0x1043_1af4);
+    assert_eq!(value(out, "max ports "), 2);
+    for line in [
+        "ctrl port 0 event 1 value 0",
+        "ctrl port 1 event 1 value 0",
+        "ctrl port 0 event 7 value 0 name org.rhyve.test",
+        "ctrl port 1 event 7 value 0 name second",
+        "ctrl port 0 event 6 value 1",
+        "port 0 got: ping from host",
+    ] {
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing {line:?} in:\n{out}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_virtio_console_configurations_are_one_line_and_status_4() {
+    require_kvm();
+    let rom = format!("bootrom,{}", rom("null"));
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("notasock-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let not_sock = format!("4,virtio-console,p={}", file.display());
+    for (dev, want) in [
+        ("4,virtio-console", "needs at least one port"),
+        ("4,virtio-console,justaname", "is not NAME=/path/to/socket"),
+        (
+            "4,virtio-console,p=/nonexistent/dir/s.sock",
+            "cannot listen on /nonexistent/dir/s.sock",
+        ),
+        (not_sock.as_str(), "is not a socket"),
+    ] {
+        let r = run(&["-s", dev, "-l", &rom, "vm"]);
+        assert_eq!(r.code(), 4, "{dev}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(want),
+            "{dev}: want {want:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+    }
+    std::fs::remove_file(&file).unwrap();
+}

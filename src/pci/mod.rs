@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::hypervisor::irq::IrqRouter;
 use crate::virtio::blk::Blk;
+use crate::virtio::console::{self, Console};
 use crate::virtio::net::Net;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::rng::Rng;
@@ -46,6 +47,14 @@ fn virtio_rnd(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn Pc
 
 fn virtio_blk(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
     VirtioPci::create(ctx, Box::new(Blk::new(cfg, prefix)?))
+}
+
+fn virtio_console(
+    ctx: &PciInitCtx,
+    cfg: &Config,
+    prefix: &str,
+) -> Result<Box<dyn PciDevice>, String> {
+    VirtioPci::create(ctx, Box::new(Console::new(cfg, prefix)?))
 }
 
 fn virtio_net(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn PciDevice>, String> {
@@ -115,6 +124,13 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
         keys: &["backend", "mac", "mtu"],
         legacy_config: Some(net_options),
         init: virtio_net,
+    },
+    PciEmulation {
+        name: "virtio-console",
+        description: "virtio console: NAME=/path/to/socket[,NAME2=/path2] (up to 16 named ports)",
+        keys: &["port.*.name", "port.*.path"],
+        legacy_config: Some(console::legacy_config),
+        init: virtio_console,
     },
     PciEmulation {
         name: "virtio-rnd",
@@ -280,7 +296,12 @@ pub fn validate_key(cfg: &Config, key: &str) -> Result<(), ConfigError> {
         key: dev_key.clone(),
         msg: format!("unknown PCI emulation '{dev}' (rhyve -s help lists them)"),
     })?;
-    if *leaf == "device" || e.keys.contains(leaf) {
+    // A key pattern may have `*` components (virtio-console's `port.*.path`).
+    let matches = |pat: &str| {
+        let (p, l): (Vec<&str>, Vec<&str>) = (pat.split('.').collect(), leaf.split('.').collect());
+        p.len() == l.len() && p.iter().zip(&l).all(|(a, b)| *a == "*" || a == b)
+    };
+    if *leaf == "device" || e.keys.iter().any(|k| matches(k)) {
         Ok(())
     } else {
         Err(invalid(format!(

@@ -3,6 +3,7 @@
 //! thread that serves a device's queues off the vCPU threads. `pci.rs` is the PCI transport.
 
 pub mod blk;
+pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
