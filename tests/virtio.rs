@@ -392,3 +392,55 @@ fn bad_virtio_console_configurations_are_one_line_and_status_4() {
     }
     std::fs::remove_file(&file).unwrap();
 }
+
+#[test]
+fn a_bhyve_line_with_every_device_runs_and_the_guest_sees_ids_and_bar_sizes() {
+    require_kvm();
+    let ns = Netns::new("lspci");
+    let img = disk("lspci", 0);
+    let blk = format!("2,virtio-blk,{}", img.display());
+    let bootrom = format!("bootrom,{}", rom("lspci"));
+    let out = ns.exec(&[
+        env!("CARGO_BIN_EXE_rhyve"),
+        "-c",
+        "2",
+        "-m",
+        "512M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &blk,
+        "-s",
+        "3,virtio-net,tap0",
+        "-s",
+        "4,virtio-rnd",
+        "-s",
+        "31,lpc",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "vm",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // IDs, class/revision, then the six BAR masks: virtio devices have one 32 KiB 64-bit BAR4.
+    let virtio_bars = "00000000 00000000 00000000 00000000 ffff8004 ffffffff";
+    let want = [
+        "00:00.0 12751275 06000000 00000000 00000000 00000000 00000000 00000000 00000000"
+            .to_string(),
+        format!("00:02.0 10421af4 01800001 {virtio_bars}"),
+        format!("00:03.0 10411af4 02000001 {virtio_bars}"),
+        format!("00:04.0 10441af4 ff000001 {virtio_bars}"),
+        "00:1f.0 70008086 06010000 00000000 00000000 00000000 00000000 00000000 00000000"
+            .to_string(),
+    ];
+    let got: Vec<&str> = stdout.lines().collect();
+    assert_eq!(got, want);
+    std::fs::remove_file(&img).unwrap();
+}
