@@ -63,6 +63,11 @@ fn virtio_rnd_serves_random_bytes_and_survives_hostile_chains() {
         "the device still works"
     );
     assert_eq!(value(out, "status after reset "), 0);
+    assert_eq!(value(out, "msix vectors "), 2, "one per queue plus config");
+    assert!(
+        value(out, "msix interrupts ") >= 1,
+        "completions arrive as MSI-X interrupts"
+    );
     assert!(
         r.stderr.contains("outside guest memory"),
         "bad input is logged: {}",
@@ -114,6 +119,10 @@ fn virtio_blk_writes_flushes_reads_back_and_zeroes() {
     );
     assert_eq!(value(out, "write zeroes status "), 0);
     assert_eq!(value(out, "sector 2 first dword "), 0);
+    assert!(
+        value(out, "msix interrupts ") >= 1,
+        "completions arrive as MSI-X interrupts"
+    );
     let data = std::fs::read(&img).unwrap();
     assert_eq!(
         &data[512..1024],
@@ -265,6 +274,10 @@ fn virtio_net_carries_frames_both_ways_through_a_tap_in_a_private_netns() {
     assert_eq!(value(&r.stdout, "ids "), 0x1041_1af4);
     assert!(r.stdout.contains("mac 52:54:00:12:34:56"), "{}", r.stdout);
     assert!(r.stdout.contains("arp reply sent"), "{}", r.stdout);
+    assert!(
+        value(&r.stdout, "msix interrupts ") >= 1,
+        "frames arrive with MSI-X interrupts"
+    );
     assert!(
         r.stdout
             .contains("icmp echo request received, dst mac 52:54:00:12:34:56"),

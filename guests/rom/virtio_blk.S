@@ -29,7 +29,11 @@ main:
         SHOW    "ids "
         /* Accept SEG_MAX(2), RO(5), BLK_SIZE(6), FLUSH(9), WRITE_ZEROES(14) if offered. */
         movl    $(1 << 2 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 14), %ebx
-        call    virtio_start
+        call    virtio_begin
+        call    virtio_use_msix
+        xorl    %eax, %eax
+        call    virtio_queue
+        call    virtio_driver_ok
         movl    DEVCFG, %esi
         movl    (%esi), %eax
         SHOW    "capacity "
@@ -118,6 +122,8 @@ main:
         call    blk_request
         movl    READBACK, %eax
         SHOW    "sector 2 first dword "
+        movl    IRQS, %eax
+        SHOW    "msix interrupts "
         ret
 
 /*

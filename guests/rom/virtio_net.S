@@ -22,6 +22,7 @@ main:
         SHOW    "ids "
         movl    $(1 << 5 | 1 << 16), %ebx       /* MAC, STATUS: no offloads, no mergeable rx */
         call    virtio_begin
+        call    virtio_use_msix
         xorl    %eax, %eax
         call    virtio_queue                    /* rx */
         movl    $1, %eax
@@ -72,6 +73,8 @@ next_frame:
         movl    %ebx, %esi
         call    print_mac
         PRINT   "\r\n"
+        movl    IRQS, %eax
+        SHOW    "msix interrupts "
         ret
 
 arp:

@@ -18,7 +18,12 @@ main:
         movl    DEV + 8, %eax
         SHOW    "class/rev "
         xorl    %ebx, %ebx
-        call    virtio_start
+        call    virtio_begin
+        call    virtio_use_msix
+        xorl    %eax, %eax
+        call    virtio_queue
+        call    virtio_driver_ok
+        movl    COMMON, %edi
 
         /* Two good requests: 16 random bytes each. */
         movl    $BUF, %eax
@@ -48,6 +53,8 @@ main:
         movl    $BUF, %eax
         call    request
         SHOW    "after bad requests len "
+        movl    IRQS, %eax
+        SHOW    "msix interrupts "
         movb    $0, 0x14(%edi)                  /* reset the device */
         movzbl  0x14(%edi), %eax
         SHOW    "status after reset "
