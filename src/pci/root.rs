@@ -469,6 +469,58 @@ mod tests {
     }
 
     #[test]
+    fn functions_sharing_a_slot_say_multifunction() {
+        let (mut root, _, _) = root_with(&[3]);
+        root.add(
+            PciAddr {
+                bus: 0,
+                slot: 3,
+                func: 2,
+            },
+            dev(&[]),
+        )
+        .unwrap();
+        root.finish_init().unwrap();
+        let header = |slot, func| {
+            let mut d = [0u8];
+            root.config_access(
+                PciAddr { bus: 0, slot, func },
+                crate::pci::config::HEADER_TYPE,
+                &mut d,
+                false,
+            );
+            d[0]
+        };
+        assert_eq!(header(3, 0) & 0x80, 0x80);
+        assert_eq!(header(3, 2) & 0x80, 0x80);
+        let (root1, _, _) = root_with(&[4]);
+        root1.finish_init().unwrap();
+        let mut d = [0u8];
+        root1.config_access(
+            PciAddr {
+                bus: 0,
+                slot: 4,
+                func: 0,
+            },
+            crate::pci::config::HEADER_TYPE,
+            &mut d,
+            false,
+        );
+        assert_eq!(d[0] & 0x80, 0, "a lone function is not multi-function");
+        assert!(matches!(
+            root.add(
+                PciAddr {
+                    bus: 0,
+                    slot: 3,
+                    func: 2
+                },
+                dev(&[])
+            ),
+            Err(PciError::Duplicate(_))
+        ));
+    }
+
+    #[test]
     fn bar_moves_and_decode_follow_guest_writes() {
         let (root, _pio, mmio) = root_with(&[3]);
         root.finish_init().unwrap();

@@ -449,3 +449,75 @@ pub fn legacy_config(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), S
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as Desc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    #[test]
+    fn queue_numbering_skips_the_control_pair() {
+        assert_eq!(port_queues(0), (0, 1));
+        assert_eq!(port_queues(1), (4, 5));
+        assert_eq!(port_queues(15), (32, 33));
+        let m = control(7, PORT_NAME, 0, b"a.b");
+        assert_eq!(m, [7, 0, 0, 0, 7, 0, 0, 0, b'a', b'.', b'b']);
+    }
+
+    #[test]
+    fn fill_and_take_tolerate_hostile_buffers() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        let descs = [(0x1000u64, 4u32, 2u16), (0xfff_0000, 16, 2), (0x2000, 8, 0)];
+        for (i, (a, l, f)) in descs.into_iter().enumerate() {
+            vq.desc_table()
+                .store(i as u16, RawDescriptor::from(Desc::new(a, l, f, 0)))
+                .unwrap();
+            vq.avail().ring().ref_at(i).unwrap().store(i as u16);
+        }
+        vq.avail().idx().store(3);
+        let mut q = ActiveQueue {
+            index: 0,
+            queue: vq.create_queue().unwrap(),
+            notify: EventFd::new(0).unwrap(),
+        };
+        let bad = AtomicU64::new(0);
+        // A 4-byte buffer takes 4 of 10 bytes; one outside RAM takes none.
+        assert_eq!(fill(&mut q, &m, b"0123456789", &bad), Some(4));
+        assert_eq!(fill(&mut q, &m, b"0123456789", &bad), Some(0));
+        let mut b = [0u8; 4];
+        m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"0123");
+        // The next chain is readable: take_tx gets its bytes (and completes it).
+        m.write_slice(b"guestout", GuestAddress(0x2000)).unwrap();
+        assert_eq!(take_tx(&mut q, &m), vec![b"guestout".to_vec()]);
+        assert_eq!(
+            m.read_obj::<u16>(vq.used_addr().unchecked_add(2)).unwrap(),
+            3
+        );
+        assert_eq!(fill(&mut q, &m, b"x", &bad), None, "no buffers left");
+    }
+
+    #[test]
+    fn legacy_options_number_the_ports() {
+        let mut c = Config::new();
+        legacy_config(
+            &mut c,
+            "pci.0.5.0",
+            "org.qemu.guest_agent.0=/tmp/a.sock,b=/tmp/b",
+        )
+        .unwrap();
+        assert_eq!(
+            c.get("pci.0.5.0.port.0.name").unwrap().as_deref(),
+            Some("org.qemu.guest_agent.0")
+        );
+        assert_eq!(
+            c.get("pci.0.5.0.port.1.path").unwrap().as_deref(),
+            Some("/tmp/b")
+        );
+        assert!(legacy_config(&mut c, "pci.0.6.0", "nopath").is_err());
+        assert!(legacy_config(&mut c, "pci.0.6.0", "=x").is_err());
+    }
+}
