@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a machine and runs every check: rustfmt, clippy, unit tests and the KVM tests.
 #   scripts/test.sh          the whole suite (what CI runs)
-#   scripts/test.sh --fast   unit tests only: no KVM, a few seconds
+#   scripts/test.sh --fast   unit tests only: a few seconds (the MSI-X ones open /dev/kvm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fast" ]; then

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -406,6 +406,8 @@ pub struct BlkStats {
 pub struct Blk {
     disk: Arc<Disk>,
     stats: Arc<BlkStats>,
+    /// Requests handed to the pool and not yet finished.
+    inflight: Arc<AtomicUsize>,
     worker: Option<Worker>,
     pool: Vec<JoinHandle<()>>,
     jobs: Option<Sender<Request>>,
@@ -420,6 +422,7 @@ impl Blk {
         Ok(Blk {
             disk: Arc::new(disk),
             stats: Arc::new(BlkStats::default()),
+            inflight: Arc::new(AtomicUsize::new(0)),
             worker: None,
             pool: Vec::new(),
             jobs: None,
@@ -437,6 +440,7 @@ impl Blk {
         for i in 0..IO_THREADS {
             let rx: Arc<Mutex<Receiver<Request>>> = rx.clone();
             let (disk, mem, done) = (self.disk.clone(), mem.clone(), done.clone());
+            let inflight = self.inflight.clone();
             let evt = done_evt.try_clone().map_err(|e| e.to_string())?;
             let h = std::thread::Builder::new()
                 .name(format!("virtio-blk io{i}"))
@@ -450,6 +454,7 @@ impl Blk {
                         status_code,
                         len,
                     });
+                    inflight.fetch_sub(1, Ordering::SeqCst);
                     let _ = evt.write(1);
                 })
                 .map_err(|e| e.to_string())?;
@@ -506,6 +511,7 @@ impl VirtioDevice for Blk {
         let fds = vec![q.notify.as_raw_fd(), done_evt.as_raw_fd()];
         let bad = AtomicU64::new(0);
         let stats = self.stats.clone();
+        let inflight = self.inflight.clone();
         self.worker = Some(Worker::spawn("virtio-blk".into(), fds, move |token| {
             let mut used_any = false;
             if token == 0 {
@@ -521,6 +527,7 @@ impl VirtioDevice for Blk {
                         stats.requests.fetch_add(1, Ordering::Relaxed);
                         match parse(chain, &mem) {
                             Some(r) => {
+                                inflight.fetch_add(1, Ordering::SeqCst);
                                 if jobs.send(r).is_err() {
                                     return false;
                                 }
@@ -556,6 +563,27 @@ impl VirtioDevice for Blk {
             true
         })?);
         Ok(())
+    }
+
+    /// Parks the worker (no new requests), then waits for the pool to finish what it has.
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                log::warn!("virtio-blk: requests still in flight after 5 s of pausing");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn reset(&mut self) {

@@ -431,6 +431,18 @@ impl VirtioDevice for Console {
             w.stop();
         }
     }
+
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
 }
 
 /// bhyve's form: `NAME=PATH[,NAME=PATH...]`, numbered in order as `port.N.name`/`.path`.

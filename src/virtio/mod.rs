@@ -10,7 +10,7 @@ pub mod rng;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::VmFd;
@@ -63,8 +63,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), String>;
     /// The driver reset the device: stop serving queues and forget them.
     fn reset(&mut self);
-    fn pause(&mut self) {}
-    fn resume(&mut self) {}
+    /// Stop touching guest memory and queues until `resume` (bhyve `pe_pause`).
+    fn pause(&mut self);
+    fn resume(&mut self);
 }
 
 /// An INTx line for a device without MSI-X: level-triggered on its I/O APIC pin.
@@ -122,11 +123,21 @@ impl VirtioIrq {
 /// epoll and calls the handler with the index of what fired, until stopped.
 pub struct Worker {
     kill: EventFd,
+    pause: Arc<PauseCtl>,
     handle: Option<JoinHandle<()>>,
 }
 
-/// Index the handler sees for the kill event; never passed to it.
+/// Pause handshake between `Worker::pause` and the worker thread.
+struct PauseCtl {
+    evt: EventFd,
+    /// (pause requested, thread parked)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+/// Tokens the handler never sees.
 const KILL_TOKEN: u64 = u64::MAX;
+const PAUSE_TOKEN: u64 = u64::MAX - 1;
 
 impl Worker {
     /// Starts a thread named `name` watching `fds` (token = index in `fds`), level-triggered.
@@ -167,6 +178,19 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, KILL_TOKEN),
             )
             .map_err(|e| e.to_string())?;
+        let pause = Arc::new(PauseCtl {
+            evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?,
+            state: Mutex::new((false, false)),
+            cv: Condvar::new(),
+        });
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                pause.evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
+            )
+            .map_err(|e| e.to_string())?;
+        let thread_pause = pause.clone();
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
@@ -184,6 +208,19 @@ impl Worker {
                         if ev.data() == KILL_TOKEN {
                             return;
                         }
+                        if ev.data() == PAUSE_TOKEN {
+                            let _ = thread_pause.evt.read();
+                            // Park until resumed; events meanwhile stay queued in epoll.
+                            let mut st =
+                                thread_pause.state.lock().unwrap_or_else(|p| p.into_inner());
+                            st.1 = true;
+                            thread_pause.cv.notify_all();
+                            while st.0 {
+                                st = thread_pause.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                            }
+                            st.1 = false;
+                            continue;
+                        }
                         if !handler(ev.data() as usize) {
                             return;
                         }
@@ -193,12 +230,41 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         Ok(Worker {
             kill,
+            pause,
             handle: Some(handle),
         })
     }
 
+    /// Parks the thread between events; returns once it is parked (or after 5 s).
+    pub fn pause(&self) {
+        let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = true;
+        let _ = self.pause.evt.write(1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !st.1 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                log::warn!("virtio worker did not pause within 5 s");
+                return;
+            }
+            st = self
+                .pause
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.pause.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = false;
+        self.pause.cv.notify_all();
+    }
+
     /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
+        self.resume();
         let _ = self.kill.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -215,4 +281,45 @@ impl Drop for Worker {
 /// Reads and clears an eventfd's counter; returns how many notifications it had collected.
 pub fn drain(evt: &EventFd) -> u64 {
     evt.read().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[test]
+    fn a_paused_worker_handles_nothing_until_resumed() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fd = evt.as_raw_fd();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let probe = evt.try_clone().unwrap();
+        let mut w = Worker::spawn("test".into(), vec![fd], move |_| {
+            let _ = probe.read();
+            c.fetch_add(1, Ordering::SeqCst);
+            true
+        })
+        .unwrap();
+        evt.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        w.pause();
+        evt.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "nothing handled while paused"
+        );
+        w.resume();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the queued event is handled on resume"
+        );
+        w.stop();
+    }
 }

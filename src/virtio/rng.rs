@@ -119,6 +119,18 @@ impl VirtioDevice for Rng {
             w.stop();
         }
     }
+
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
 }
 
 #[cfg(test)]
