@@ -4,15 +4,6 @@
 mod common;
 use common::*;
 
-fn value(out: &str, label: &str) -> u32 {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(label))
-        .unwrap_or_else(|| panic!("no '{label}' line in:\n{out}"));
-    u32::from_str_radix(line[label.len()..].trim(), 16)
-        .unwrap_or_else(|_| panic!("bad line {line}"))
-}
-
 #[test]
 fn guest_enumerates_pci_via_conf1_and_ecam_sizes_and_moves_a_bar() {
     let r = run_rom(

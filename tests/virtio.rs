@@ -3,15 +3,6 @@
 mod common;
 use common::*;
 
-fn value(out: &str, label: &str) -> u32 {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with(label))
-        .unwrap_or_else(|| panic!("no '{label}' line in:\n{out}"));
-    u32::from_str_radix(line[label.len()..].trim(), 16)
-        .unwrap_or_else(|_| panic!("bad line {line}"))
-}
-
 #[test]
 fn virtio_rnd_serves_random_bytes_and_survives_hostile_chains() {
     let r = run_rom("virtio_rnd", &["-s", "4,virtio-rnd"]);

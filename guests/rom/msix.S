@@ -25,16 +25,9 @@
         .globl main
 main:
         movl    $0, COUNT
-        /* IDT gate for VEC, and an IDT long enough to hold it. */
         movl    $msi_handler, %eax
-        movw    %ax, IDT_BASE + VEC * 8
-        movw    $0x08, IDT_BASE + VEC * 8 + 2
-        movw    $0x8e00, IDT_BASE + VEC * 8 + 4
-        shrl    $16, %eax
-        movw    %ax, IDT_BASE + VEC * 8 + 6
-        lidt    idt_desc_long
-        movl    $0x1ff, LAPIC_SVR               /* LAPIC on, spurious vector 0xff */
-        movl    $0, LAPIC_TPR
+        movl    $VEC, %ecx
+        call    set_gate
 
         /* Walk the capability list for MSI-X (ID 0x11). */
         movzbl  DEV + 0x34, %esi
@@ -139,7 +132,3 @@ msi_handler:
         pushl   8(%esp)
         popfl
         ret     $8
-
-idt_desc_long:
-        .word   (VEC + 1) * 8 - 1
-        .long   IDT_BASE

@@ -3,6 +3,7 @@
 #define RESET_CS        0x500
 #define RESET_IP        0x502
 #define IDT_BASE        0x1000
+#define IDTR            0x0ff0          /* the IDT descriptor (limit, base) */
 #define GDT_RAM         0x0800
 #define STACK_TOP       0x7000
 #define COUNTER         0x6000

@@ -3,7 +3,7 @@
  * protected mode -> main(). Serial output on COM1, exception reporting, and the helpers the
  * tests use. Each ROM supplies `main` (32-bit, returns to reset the machine via port 0xCF9).
  *
- * RAM used: 0x500 reset CS, 0x502 reset IP, 0x800 GDT, 0x1000 IDT, 0x7000 stack top.
+ * RAM used: 0x500 reset CS, 0x502 reset IP, 0x800 GDT, 0xff0 IDT descriptor, 0x1000 IDT, 0x7000 stack top.
  */
 #include "rom.h"
 
@@ -217,6 +217,29 @@ exc_common:
         call    puts
         jmp     halt_forever
 
+/*
+ * set_gate: interrupt gate for vector %ecx to handler %eax, and an IDT limit that covers it.
+ * Also turns the LAPIC on (spurious vector 0xff) with TPR 0, so the vector can arrive.
+ */
+        .globl  set_gate
+set_gate:
+        pushal
+        leal    IDT_BASE(,%ecx,8), %edi
+        movw    %ax, (%edi)
+        movw    $0x08, 2(%edi)
+        movw    $0x8e00, 4(%edi)
+        shrl    $16, %eax
+        movw    %ax, 6(%edi)
+        leal    7(,%ecx,8), %eax
+        cmpw    IDTR, %ax
+        jbe     1f
+        movw    %ax, IDTR
+        lidt    IDTR
+1:      movl    $0x1ff, 0xfee000f0
+        movl    $0, 0xfee00080
+        popal
+        ret
+
 /* setup_idt: 32 interrupt gates at IDT_BASE pointing to the stubs. */
 setup_idt:
         pushal
@@ -232,13 +255,12 @@ setup_idt:
         incl    %ecx
         cmpl    $32, %ecx
         jne     1b
-        lidt    idt_desc
+        /* The IDT descriptor lives in RAM so set_gate can extend its limit. */
+        movw    $(32 * 8 - 1), IDTR
+        movl    $IDT_BASE, IDTR + 2
+        lidt    IDTR
         popal
         ret
-
-idt_desc:
-        .word   32 * 8 - 1
-        .long   IDT_BASE
 
 msg_gp:   .asciz "#GP\r\n"
 msg_exc:  .asciz "EXC "

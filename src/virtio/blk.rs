@@ -580,10 +580,8 @@ impl VirtioDevice for Blk {
         }
     }
 
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+    fn worker_slot(&mut self) -> &mut Option<Worker> {
+        &mut self.worker
     }
 
     fn reset(&mut self) {

@@ -61,11 +61,25 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActiveQueue>,
         irq: Arc<VirtioIrq>,
     ) -> Result<(), String>;
+    /// The device's worker thread, while it is active.
+    fn worker_slot(&mut self) -> &mut Option<Worker>;
     /// The driver reset the device: stop serving queues and forget them.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker_slot().take() {
+            w.stop();
+        }
+    }
     /// Stop touching guest memory and queues until `resume` (bhyve `pe_pause`).
-    fn pause(&mut self);
-    fn resume(&mut self);
+    fn pause(&mut self) {
+        if let Some(w) = self.worker_slot() {
+            w.pause();
+        }
+    }
+    fn resume(&mut self) {
+        if let Some(w) = self.worker_slot() {
+            w.resume();
+        }
+    }
 }
 
 /// An INTx line for a device without MSI-X: level-triggered on its I/O APIC pin.

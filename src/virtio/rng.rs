@@ -114,22 +114,8 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-    }
-
-    fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            w.pause();
-        }
-    }
-
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+    fn worker_slot(&mut self) -> &mut Option<Worker> {
+        &mut self.worker
     }
 }
 

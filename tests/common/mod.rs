@@ -140,3 +140,13 @@ pub fn run_rom(name: &str, extra: &[&str]) -> Run {
     args.extend(["-l", "com1,stdio", "-l", &bootrom, "testvm"]);
     run(&args)
 }
+
+/// The hex number after `label` on the first line of `out` that starts with it.
+pub fn value(out: &str, label: &str) -> u32 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no '{label}' line in:\n{out}"));
+    u32::from_str_radix(line[label.len()..].trim(), 16)
+        .unwrap_or_else(|_| panic!("bad line {line}"))
+}
