@@ -10,8 +10,6 @@
 #define COUNT           0x6100
 #define IOBASE          0x6104
 #define LAPIC_EOI       0xfee000b0
-#define LAPIC_SVR       0xfee000f0
-#define LAPIC_TPR       0xfee00080
 
         .macro SHOWCOUNT text
         PRINT "\text"
