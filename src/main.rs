@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use rhyve::config::cli::{self, Action, USAGE};
 use rhyve::devices::legacy::lpc;
+use rhyve::devices::legacy::pm::Pm;
 use rhyve::vmm::control::{SuspendReason, VmControl};
 use rhyve::vmm::Vm;
 use rhyve::{logging, pci, term};
@@ -32,24 +33,34 @@ fn block_control_signals() -> libc::sigset_t {
     }
 }
 
-/// SIGTERM presses the power button; without ACPI power management yet that powers the VM off
-/// (status 1). SIGINT, SIGHUP and SIGQUIT stop it as an error (status 4). Either way the vCPUs
-/// leave their loops and the terminal is restored on the normal exit path.
-fn spawn_signal_thread(set: libc::sigset_t, ctl: std::sync::Arc<VmControl>) {
+/// SIGTERM presses the ACPI power button (bhyve): a guest that enabled ACPI shuts itself down
+/// and powers off (status 1). When nothing can receive the button (ACPI not enabled, or the
+/// button event masked), or on a second SIGTERM, rhyve powers the VM off itself. SIGINT, SIGHUP
+/// and SIGQUIT stop it as an error (status 4). Either way the vCPUs leave their loops and the
+/// terminal is restored on the normal exit path.
+fn spawn_signal_thread(set: libc::sigset_t, ctl: std::sync::Arc<VmControl>, pm: Pm) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: set is a valid signal set and sig valid storage.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if sig == libc::SIGTERM {
-                log::info!("SIGTERM: power button");
-                ctl.suspend(SuspendReason::PowerOff);
-            } else {
-                eprint!("rhyve: stopped by signal {sig}\r\n");
-                ctl.suspend(SuspendReason::Error);
+        .spawn(move || {
+            let mut pressed = false;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: set is a valid signal set and sig valid storage.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGTERM {
+                    if !pressed && pm.power_button() {
+                        log::info!("SIGTERM: power button pressed");
+                        pressed = true;
+                    } else {
+                        log::info!("SIGTERM: powering off");
+                        ctl.suspend(SuspendReason::PowerOff);
+                    }
+                } else {
+                    eprint!("rhyve: stopped by signal {sig}\r\n");
+                    ctl.suspend(SuspendReason::Error);
+                }
             }
         });
 }
@@ -91,7 +102,7 @@ fn main() -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
-    spawn_signal_thread(sigset, vm.control());
+    spawn_signal_thread(sigset, vm.control(), vm.pm.clone());
     if let Err(e) = vm.start() {
         vm.wait();
         return fail(e);

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::cli::parse_cpulist;
 use crate::config::{parse_memsize, Config, ConfigError};
+use crate::devices::legacy::pm::Pm;
 use crate::devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
 use crate::devices::IrqLine;
 use crate::hypervisor::irq::IrqRouter;
@@ -64,6 +65,8 @@ pub struct Vm {
     _kvm: Kvm,
     pub vm_fd: Arc<VmFd>,
     pub router: Arc<IrqRouter>,
+    /// ACPI power management: the power button lives here.
+    pub pm: Pm,
     pub shared: Arc<VmShared>,
     pub ram: GuestRam,
     pub pci: Arc<PciRoot>,
@@ -157,6 +160,10 @@ impl Vm {
         }
 
         Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
+        let pm = Pm::new(vm_fd.clone(), shared.ctl.clone());
+        for (name, base, len, dev) in pm.devices() {
+            insert_pio(&shared, name, base, len, dev)?;
+        }
         let router = Arc::new(IrqRouter::new(vm_fd.clone()));
         let pci = Self::init_pci(
             cfg,
@@ -179,6 +186,7 @@ impl Vm {
             _kvm: kvm,
             vm_fd,
             router,
+            pm,
             shared,
             ram,
             pci,

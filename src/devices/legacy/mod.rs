@@ -1,7 +1,9 @@
-//! The legacy platform on the LPC side: COM ports, RTC/CMOS, reset ports, the POST port.
+//! The legacy platform on the LPC side: COM ports, RTC/CMOS, reset ports, the POST port, and
+//! ACPI power management.
 
 pub mod i8042;
 pub mod lpc;
+pub mod pm;
 pub mod post;
 pub mod resetctl;
 pub mod rtc;

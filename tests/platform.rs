@@ -1,0 +1,51 @@
+//! KVM tests of the platform: ACPI power management (PM1a registers, PM timer, S5 poweroff)
+//! and the SIGTERM power button.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+#[test]
+fn guest_powers_off_through_pm1a_cnt_with_status_1() {
+    let r = run_rom("acpioff", &[]);
+    assert_eq!(r.code(), 1, "S5 is a power-off: {}", r.stderr);
+    assert_eq!(
+        value(&r.stdout, "pm1a control ") & 1,
+        1,
+        "SMI_CMD ACPI_ENABLE sets SCI_EN"
+    );
+    assert!(r.stdout.contains("pm timer runs"), "{}", r.stdout);
+    assert!(!r.stdout.contains("still running after S5"), "{}", r.stdout);
+    // -D (destroy on power-off) is accepted and changes nothing else here.
+    let r = run_rom("acpioff", &["-D"]);
+    assert_eq!(r.code(), 1);
+}
+
+#[test]
+fn sigterm_presses_the_power_button_and_an_acpi_guest_shuts_down() {
+    require_kvm();
+    let bootrom = format!("bootrom,{}", rom("pwrbtn"));
+    let child = spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]);
+    let pid = child.id() as i32;
+    // Press once the guest has enabled ACPI and the button event: poll the guest's state by
+    // pressing until it is received (a press before that powers off directly, which the
+    // assertions below would catch).
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let r = wait_with_deadline(child, Duration::from_secs(30));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("power button pressed"),
+        "the guest saw PWRBTN_STS and powered off itself: {}",
+        r.stdout
+    );
+    assert_eq!(
+        value(&r.stdout, "status after clear ") & 0x100,
+        0,
+        "PWRBTN_STS is write-1-to-clear"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
