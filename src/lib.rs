@@ -9,6 +9,7 @@
 //! - `vmm`: the VM and vCPU lifecycle, `vm_loop` and its exit-handler table.
 //! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
 
+pub mod acpi;
 pub mod bus;
 pub mod config;
 pub mod devices;

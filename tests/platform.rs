@@ -49,3 +49,36 @@ fn sigterm_presses_the_power_button_and_an_acpi_guest_shuts_down() {
     );
     assert!(start.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn guest_finds_rsdp_walks_xsdt_counts_lapics_and_powers_off_via_the_fadt() {
+    let r = run_rom("acpi", &["-c", "3"]);
+    assert_eq!(
+        r.code(),
+        1,
+        "power-off through the FADT's PM1a_CNT: {}",
+        r.stderr
+    );
+    let out = &r.stdout;
+    assert_eq!(
+        value(out, "RSDP at "),
+        0xf2400,
+        "bhyve's address, found by the legacy scan"
+    );
+    assert_eq!(value(out, "RSDP revision "), 2);
+    for sig in ["XSDT", "FACP", "DSDT", "APIC", "MCFG", "SPCR"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("table {sig} ")))
+            .unwrap_or_else(|| panic!("{sig} not reached:\n{out}"));
+        assert!(line.ends_with(" ok"), "{sig} checksum: {line}");
+    }
+    assert!(
+        out.contains("MADT local APICs 3"),
+        "one LAPIC per vCPU: {out}"
+    );
+    assert!(!out.contains("still running"), "{out}");
+    // acpi_tables=false: nothing to find.
+    let r = run_rom("acpi", &["-o", "acpi_tables=false"]);
+    assert!(r.stdout.contains("no RSDP"), "{}", r.stdout);
+}

@@ -60,15 +60,18 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 }
 
 impl IrqRouter {
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        IrqRouter {
+    /// Creates the router and installs its routing table (needs the irqchip).
+    pub fn new(vm: Arc<VmFd>) -> Result<Self, IrqError> {
+        let r = IrqRouter {
             vm,
             table: Mutex::new(Table {
                 next_gsi: FIRST_MSI_GSI,
                 free: Vec::new(),
                 msi: BTreeMap::new(),
             }),
-        }
+        };
+        r.commit(&r.table.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Ok(r)
     }
 
     pub fn vm(&self) -> &VmFd {
@@ -107,8 +110,11 @@ impl IrqRouter {
 
     fn commit(&self, t: &Table) -> Result<(), IrqError> {
         let mut entries: Vec<kvm_irq_routing_entry> = Vec::with_capacity(48 + t.msi.len());
+        // ISA IRQs reach the PICs on their own pins and the I/O APIC on the same-numbered pin,
+        // except the PIT's IRQ 0, which arrives on I/O APIC pin 2 (the MADT says so with an
+        // interrupt source override; PIC pin 2 is the cascade). Pins 16-23 are PCI INTx.
         for gsi in 0..24u32 {
-            if gsi < 16 {
+            if gsi < 16 && gsi != 2 {
                 let chip = if gsi < 8 {
                     KVM_IRQCHIP_PIC_MASTER
                 } else {
@@ -116,7 +122,11 @@ impl IrqRouter {
                 };
                 entries.push(irqchip_entry(gsi, chip, gsi % 8));
             }
-            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            match gsi {
+                0 => entries.push(irqchip_entry(0, KVM_IRQCHIP_IOAPIC, 2)),
+                2 => {}
+                _ => entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+            }
         }
         for (&gsi, route) in &t.msi {
             let Some(r) = route else { continue };

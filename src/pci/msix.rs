@@ -194,7 +194,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
-        Arc::new(IrqRouter::new(Arc::new(vm)))
+        Arc::new(IrqRouter::new(Arc::new(vm)).unwrap())
     }
 
     #[test]

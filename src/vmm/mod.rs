@@ -10,8 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::acpi;
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::cli::parse_cpulist;
 use crate::config::{parse_memsize, Config, ConfigError};
@@ -164,7 +165,8 @@ impl Vm {
         for (name, base, len, dev) in pm.devices() {
             insert_pio(&shared, name, base, len, dev)?;
         }
-        let router = Arc::new(IrqRouter::new(vm_fd.clone()));
+        let router =
+            Arc::new(IrqRouter::new(vm_fd.clone()).map_err(|e| VmError::Device(e.to_string()))?);
         let pci = Self::init_pci(
             cfg,
             &PciInitCtx {
@@ -174,6 +176,24 @@ impl Vm {
             &shared,
             &layout,
         )?;
+        if cfg.get_bool("acpi_tables", true)? {
+            let platform = acpi::Platform {
+                apic_ids: (0..cpus).map(|i| topo.apic_id(i)).collect(),
+                com_ports: (0..lpc::COM_PORTS.len())
+                    .filter(|i| {
+                        cfg.get_raw(&format!("lpc.{}.path", lpc::COM_PORTS[*i].0))
+                            .is_some()
+                    })
+                    .collect(),
+                mem64: pci.mem64_window(),
+            };
+            let tables = acpi::build(&platform).map_err(|e| VmError::Device(e.to_string()))?;
+            for (at, blob) in tables.blobs {
+                ram.mem
+                    .write_slice(&blob, vm_memory::GuestAddress(at))
+                    .map_err(|e| VmError::Device(format!("writing ACPI tables: {e}")))?;
+            }
+        }
         if let Some(bsp) = vcpus.first() {
             hypervisor::vcpu_reset(&bsp.fd)?;
         }
