@@ -338,3 +338,39 @@ fn a_guest_idle_with_interrupts_enabled_is_not_halted() {
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stdout.contains("idle with interrupts enabled"));
 }
+
+#[test]
+fn the_guest_sees_the_topology_asked_for() {
+    for (spec, apics, per_core, per_pkg) in [
+        ("cpus=4,sockets=1,cores=2,threads=2", [1u32, 2, 3], 2, 4),
+        ("cpus=4,sockets=2,cores=2,threads=1", [1, 2, 3], 1, 2),
+        ("4", [1, 2, 3], 1, 1),
+    ] {
+        let r = run_rom("smp", &["-c", spec]);
+        assert_eq!(r.code(), 0, "{spec}: {}", r.stderr);
+        let line =
+            format!("topology: threads per core {per_core}, logical CPUs per package {per_pkg}");
+        assert!(
+            r.stdout.contains(&line),
+            "{spec}: want {line:?}:\n{}",
+            r.stdout
+        );
+        for a in apics {
+            assert!(
+                r.stdout.contains(&format!("AP {a:02x} up")),
+                "{spec}: AP {a}:\n{}",
+                r.stdout
+            );
+        }
+        assert!(r.stdout.contains("cpus up: 4"), "{}", r.stdout);
+    }
+    // 2 sockets x 3 cores: the core field is 2 bits wide, so APIC IDs skip 3.
+    let r = run_rom("smp", &["-c", "cpus=6,sockets=2,cores=3"]);
+    for a in [1u32, 2, 4, 5, 6] {
+        assert!(
+            r.stdout.contains(&format!("AP {a:02x} up")),
+            "AP {a}:\n{}",
+            r.stdout
+        );
+    }
+}

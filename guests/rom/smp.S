@@ -24,6 +24,20 @@ main:
         movl    $2, %ecx
         call    puthex
         PRINT "\r\n"
+        /* Topology as CPUID leaf 0xB reports it: logical CPUs per core and per package. */
+        movl    $0xb, %eax
+        xorl    %ecx, %ecx
+        cpuid
+        movzwl  %bx, %eax
+        PRINT   "topology: threads per core "
+        call    putdec
+        movl    $0xb, %eax
+        movl    $1, %ecx
+        cpuid
+        movzwl  %bx, %eax
+        PRINT   ", logical CPUs per package "
+        call    putdec
+        PRINT   "\r\n"
         movl    $ap_start, %esi
         movl    $TRAMPOLINE, %edi
         movl    $(ap_end - ap_start), %ecx

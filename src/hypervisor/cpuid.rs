@@ -48,6 +48,29 @@ const CPUID_HTT: u32 = 1 << 28;
 /// Builds vCPU `id`'s CPUID from KVM's supported table.
 pub fn for_vcpu(supported: &CpuId, id: u32, topo: &Topology) -> CpuId {
     let mut cpuid = supported.clone();
+    // The extended-topology leaves need one entry per level; KVM's table may list only some.
+    for leaf in [0xbu32, 0x1f] {
+        if !cpuid.as_slice().iter().any(|e| e.function == leaf) {
+            continue;
+        }
+        for index in 0..3u32 {
+            if !cpuid
+                .as_slice()
+                .iter()
+                .any(|e| e.function == leaf && e.index == index)
+            {
+                let e = kvm_cpuid_entry2 {
+                    function: leaf,
+                    index,
+                    flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                };
+                if cpuid.push(e).is_err() {
+                    log::warn!("CPUID table full: leaf {leaf:#x} level {index} left out");
+                }
+            }
+        }
+    }
     let apic = topo.apic_id(id);
     let smt_bits = topo.thread_bits();
     let pkg_bits = topo.core_bits() + smt_bits;
@@ -94,6 +117,13 @@ fn patch_entry(
             e.ebx = count;
             e.ecx = (e.index & 0xff) | (kind << 8);
             e.edx = apic;
+        }
+        0x8000_001e => {
+            // AMD: extended APIC ID, core ID and threads per core, node 0.
+            let threads = topo.threads.max(1);
+            e.eax = apic;
+            e.ebx = ((apic >> smt_bits) & 0xff) | ((threads - 1).min(0xff) << 8);
+            e.ecx = 0;
         }
         _ => {}
     }
