@@ -15,6 +15,7 @@ pub mod config;
 pub mod devices;
 pub mod hypervisor;
 pub mod logging;
+pub mod mptable;
 pub mod pci;
 pub mod term;
 pub mod virtio;

@@ -82,3 +82,15 @@ fn guest_finds_rsdp_walks_xsdt_counts_lapics_and_powers_off_via_the_fadt() {
     let r = run_rom("acpi", &["-o", "acpi_tables=false"]);
     assert!(r.stdout.contains("no RSDP"), "{}", r.stdout);
 }
+
+#[test]
+fn the_mp_table_lists_every_cpu_unless_y() {
+    let r = run_rom("mptable", &["-c", "3"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(value(&r.stdout, "MP floating pointer at "), 0xf0000);
+    assert_eq!(value(&r.stdout, "pointer checksum "), 0);
+    assert_eq!(value(&r.stdout, "table checksum "), 0);
+    assert_eq!(value(&r.stdout, "processors "), 3);
+    let r = run_rom("mptable", &["-Y"]);
+    assert!(r.stdout.contains("no MP table"), "{}", r.stdout);
+}

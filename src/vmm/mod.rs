@@ -176,6 +176,18 @@ impl Vm {
             &shared,
             &layout,
         )?;
+        if cfg.get_bool("x86.mptable", true)? {
+            let ids: Vec<u32> = (0..cpus).map(|i| topo.apic_id(i)).collect();
+            match crate::mptable::build(&ids) {
+                Some(t) => ram
+                    .mem
+                    .write_slice(&t, vm_memory::GuestAddress(crate::mptable::MPTABLE_BASE))
+                    .map_err(|e| VmError::Device(format!("writing the MP table: {e}")))?,
+                None => {
+                    log::warn!("MP table left out: {cpus} vCPUs do not fit it (-Y silences this)")
+                }
+            }
+        }
         if cfg.get_bool("acpi_tables", true)? {
             let platform = acpi::Platform {
                 apic_ids: (0..cpus).map(|i| topo.apic_id(i)).collect(),
