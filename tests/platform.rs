@@ -94,3 +94,22 @@ fn the_mp_table_lists_every_cpu_unless_y() {
     let r = run_rom("mptable", &["-Y"]);
     assert!(r.stdout.contains("no MP table"), "{}", r.stdout);
 }
+
+fn count(out: &str, label: &str) -> u32 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no '{label}' line in:\n{out}"))
+}
+
+#[test]
+fn rtc_periodic_and_alarm_interrupts_arrive_on_irq_8() {
+    let r = run_rom("rtcirq", &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    // 1024 Hz for one second (timed by the PM timer); a shared, noisy host loses a few.
+    let periodic = count(&r.stdout, "periodic interrupts in one second: ");
+    assert!((500..=1100).contains(&periodic), "periodic: {periodic}");
+    // An every-second alarm over three seconds (plus possibly one left pending before).
+    let alarm = count(&r.stdout, "alarm interrupts in three seconds: ");
+    assert!((2..=5).contains(&alarm), "alarm: {alarm}");
+}

@@ -251,6 +251,10 @@ impl Vm {
         }
         let localtime = cfg.get_bool("rtc.use_localtime", true)?;
         let rtc = Arc::new(Mutex::new(rtc::Rtc::new(layout, localtime, cpus)));
+        let irq8 =
+            IrqLine::new(vm_fd, 8).map_err(|e| VmError::Device(format!("RTC IRQ 8: {e}")))?;
+        rtc::start_timer(rtc.clone(), irq8)
+            .map_err(|e| VmError::Device(format!("RTC timer: {e}")))?;
         insert_pio(shared, "rtc", 0x70, 2, rtc)?;
         let boot_timer = cfg.get_bool("debug.boot_timer", false)?;
         insert_pio(

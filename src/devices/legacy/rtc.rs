@@ -3,6 +3,11 @@
 //! The clock is read from the host on every access, plus an offset the guest sets by writing
 //! the time registers; local time or UTC per `rtc.use_localtime` (-u). The memory-size bytes
 //! firmware reads (base, extended, above 16 MiB and above 4 GiB) are filled in from the layout.
+//! Periodic, alarm and update-ended interrupts come from a timer thread (`start_timer`) and go
+//! out on ISA IRQ 8 when register C's IRQF goes from clear to set; reading C clears it.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::bus::BusDevice;
 use crate::hypervisor::MemoryLayout;
@@ -21,6 +26,16 @@ const REG_D: usize = 0x0d;
 const CENTURY: usize = 0x32;
 
 const B_SET: u8 = 0x80;
+const B_PIE: u8 = 0x40;
+const B_AIE: u8 = 0x20;
+const B_UIE: u8 = 0x10;
+const C_IRQF: u8 = 0x80;
+const C_PF: u8 = 0x40;
+const C_AF: u8 = 0x20;
+const C_UF: u8 = 0x10;
+const SEC_ALARM: usize = 0x01;
+const MIN_ALARM: usize = 0x03;
+const HOUR_ALARM: usize = 0x05;
 const B_DM_BINARY: u8 = 0x04;
 const B_24H: u8 = 0x02;
 const D_VRT: u8 = 0x80;
@@ -43,6 +58,10 @@ pub struct Rtc {
     localtime: bool,
     /// Guest time minus host time, in seconds.
     offset: i64,
+    /// IRQ 8, when a timer thread drives interrupts.
+    irq: Option<crate::devices::IrqLine>,
+    /// Wakes the timer thread when the rate or the enables change.
+    changed: Arc<Condvar>,
 }
 
 fn to_bcd(v: u32) -> u8 {
@@ -155,7 +174,60 @@ impl Rtc {
             nvram,
             localtime,
             offset: 0,
+            irq: None,
+            changed: Arc::new(Condvar::new()),
         }
+    }
+
+    /// Sets flags in register C; raises IRQ 8 if an enabled one makes IRQF go from 0 to 1.
+    fn flag(&mut self, flags: u8) {
+        let c = self.nvram[REG_C] | flags;
+        let enabled = (self.nvram[REG_B] & (B_PIE | B_AIE | B_UIE)) & c;
+        let fire = enabled != 0 && self.nvram[REG_C] & C_IRQF == 0;
+        self.nvram[REG_C] = if enabled != 0 { c | C_IRQF } else { c };
+        if fire {
+            if let Some(irq) = &self.irq {
+                if let Err(e) = vm_superio::Trigger::trigger(irq) {
+                    log::warn!("RTC IRQ 8: {e}");
+                }
+            }
+        }
+    }
+
+    /// The periodic interrupt's period (register A rate select), if on.
+    fn period(&self) -> Option<Duration> {
+        let rate = u32::from(self.nvram[REG_A] & 0x0f);
+        if self.nvram[REG_B] & B_PIE == 0 || rate == 0 {
+            return None;
+        }
+        // 32.768 kHz time base: rates 1 and 2 behave as 8 and 9.
+        let rate = if rate < 3 { rate + 7 } else { rate };
+        Some(Duration::from_nanos(1_000_000_000 >> (15 - (rate - 1))))
+    }
+
+    fn alarm_matches(&self, tm: &Tm) -> bool {
+        // An alarm byte with the top two bits set matches any value.
+        let hit = |reg: usize, v: u32, hour: bool| {
+            let a = self.nvram[reg];
+            a & 0xc0 == 0xc0
+                || u32::from(if hour {
+                    self.decode_hour(a) as u8
+                } else {
+                    self.decode(a) as u8
+                }) == v
+        };
+        hit(SEC_ALARM, tm.sec, false)
+            && hit(MIN_ALARM, tm.min, false)
+            && hit(HOUR_ALARM, tm.hour, true)
+    }
+
+    /// Once a second: update-ended, and the alarm if it matches.
+    fn second_tick(&mut self) {
+        let mut f = C_UF;
+        if self.alarm_matches(&tm_from_secs(self.guest_secs())) {
+            f |= C_AF;
+        }
+        self.flag(f);
     }
 
     fn guest_secs(&self) -> i64 {
@@ -223,6 +295,7 @@ impl Rtc {
         match idx {
             // Update-in-progress is never reported: the time is computed on each read.
             REG_A => self.nvram[REG_A] & 0x7f,
+            // Reading C acknowledges every pending interrupt.
             REG_C => std::mem::take(&mut self.nvram[REG_C]),
             _ => self.nvram[idx],
         }
@@ -248,9 +321,13 @@ impl Rtc {
                 if v & B_SET == 0 && was_set {
                     self.commit_time();
                 }
+                self.changed.notify_all();
             }
             REG_C | REG_D => {} // read-only
-            REG_A => self.nvram[REG_A] = v & 0x7f,
+            REG_A => {
+                self.nvram[REG_A] = v & 0x7f;
+                self.changed.notify_all();
+            }
             _ => self.nvram[idx] = v,
         }
     }
@@ -271,6 +348,55 @@ impl Rtc {
         let zone = if self.localtime { local_offset(now) } else { 0 };
         self.offset = secs_from_tm(&tm) - (now + zone);
     }
+}
+
+/// Drives the RTC's interrupts: periodic at the rate register A selects, update-ended and
+/// alarm once a second (on the host's second boundary). Sleeps on the RTC's condvar, so a
+/// rate or enable change takes effect at once.
+pub fn start_timer(rtc: Arc<Mutex<Rtc>>, irq: crate::devices::IrqLine) -> std::io::Result<()> {
+    let changed = {
+        let mut r = rtc.lock().unwrap_or_else(|p| p.into_inner());
+        r.irq = Some(irq);
+        r.changed.clone()
+    };
+    std::thread::Builder::new()
+        .name("rtc".into())
+        .spawn(move || {
+            let mut next_periodic: Option<Instant> = None;
+            let mut next_second = Instant::now()
+                + Duration::from_nanos(1_000_000_000 - u64::from(now_subsec_nanos()));
+            loop {
+                let mut r = rtc.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                match (r.period(), next_periodic) {
+                    (Some(p), Some(t)) if now >= t => {
+                        r.flag(C_PF);
+                        next_periodic = Some(t + p);
+                        // Do not try to catch up after a long stall: skip missed periods.
+                        if next_periodic.is_some_and(|n| n < now) {
+                            next_periodic = Some(now + p);
+                        }
+                    }
+                    (Some(p), None) => next_periodic = Some(now + p),
+                    (None, _) => next_periodic = None,
+                    _ => {}
+                }
+                if now >= next_second {
+                    r.second_tick();
+                    next_second += Duration::from_secs(1);
+                }
+                let wake = next_periodic.map_or(next_second, |p| p.min(next_second));
+                let timeout = wake.saturating_duration_since(Instant::now());
+                let _ = changed.wait_timeout(r, timeout);
+            }
+        })?;
+    Ok(())
+}
+
+fn now_subsec_nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
 }
 
 impl BusDevice for Rtc {
