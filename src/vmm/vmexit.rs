@@ -136,6 +136,16 @@ fn rate_limited(counter: &AtomicU64, every: u64) -> bool {
         .is_multiple_of(every)
 }
 
+/// The exit's data did not decode as its reason says (a kvm_run the kernel filled oddly):
+/// stop rather than guess.
+fn mismatched(ctx: &VcpuCtx<'_>) -> VmExitAction {
+    eprint!(
+        "rhyve: vcpu {}: VM exit data does not match its exit reason; stopping\r\n",
+        ctx.id
+    );
+    VmExitAction::Abort
+}
+
 fn vmexit_inout(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     static UNASSIGNED: AtomicU64 = AtomicU64::new(0);
     let VmExit::Inout {
@@ -145,7 +155,7 @@ fn vmexit_inout(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
         data,
     } = exit
     else {
-        return VmExitAction::Abort;
+        return mismatched(ctx);
     };
     let (port, size, is_in) = (*port, (*size).max(1), *is_in);
     for chunk in data.chunks_mut(size) {
@@ -192,7 +202,7 @@ fn vmexit_mmio(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
         data,
     } = exit
     else {
-        return VmExitAction::Abort;
+        return mismatched(ctx);
     };
     let handled = if *is_write {
         ctx.vm.mmio.write(*gpa, data)
@@ -219,7 +229,7 @@ fn vmexit_mmio(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
 fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     static LOGGED: AtomicU64 = AtomicU64::new(0);
     let VmExit::Rdmsr { index, data, error } = exit else {
-        return VmExitAction::Abort;
+        return mismatched(ctx);
     };
     if ctx.vm.strictmsr {
         if rate_limited(&LOGGED, 100) {
@@ -239,7 +249,7 @@ fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
 fn vmexit_wrmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     static LOGGED: AtomicU64 = AtomicU64::new(0);
     let VmExit::Wrmsr { index, data, error } = exit else {
-        return VmExitAction::Abort;
+        return mismatched(ctx);
     };
     if ctx.vm.strictmsr {
         if rate_limited(&LOGGED, 100) {
@@ -263,7 +273,7 @@ fn vmexit_shutdown(ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
 
 fn vmexit_system_event(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     let VmExit::SystemEvent { kind } = exit else {
-        return VmExitAction::Abort;
+        return mismatched(ctx);
     };
     let reason = match *kind {
         KVM_SYSTEM_EVENT_SHUTDOWN => SuspendReason::PowerOff,
