@@ -10,6 +10,7 @@
 //! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
 
 pub mod acpi;
+pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;

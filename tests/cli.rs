@@ -121,3 +121,37 @@ fn missing_dev_kvm_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
 }
+
+#[test]
+fn bad_direct_boot_configurations_are_one_line_and_status_4() {
+    require_kvm();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kboot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0u8; 8192]).unwrap();
+    let junk_k = format!("boot.kernel={}", junk.display());
+    let rom = format!("bootrom,{}", rom("null"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["-o", "boot.kernel=/nonexistent/vmlinuz", "vm"],
+            "boot.kernel /nonexistent/vmlinuz",
+        ),
+        (
+            vec!["-o", &junk_k, "vm"],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (vec!["-o", &junk_k, "-l", &rom, "vm"], "not both"),
+    ];
+    for (args, want) in cases {
+        let r = run(&args);
+        assert_eq!(r.code(), 4, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(want),
+            "{args:?}: want {want:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::acpi;
+use crate::boot::linux;
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::cli::parse_cpulist;
 use crate::config::{parse_memsize, Config, ConfigError};
@@ -42,8 +43,10 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("{0}")]
     Device(String),
-    #[error("nothing to boot: give a firmware ROM with -l bootrom,FILE (or, when direct kernel boot lands, -o boot.kernel=FILE)")]
+    #[error("nothing to boot: give a firmware ROM with -l bootrom,FILE or a kernel with -o boot.kernel=FILE")]
     NoBootPayload,
+    #[error(transparent)]
+    Boot(#[from] linux::BootError),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
     #[error("cannot start vcpu thread: {0}")]
@@ -95,7 +98,6 @@ impl Vm {
         for (key, what) in [
             ("gdb.port", "the gdb stub (-G)"),
             ("restore.file", "restoring a checkpoint (-r)"),
-            ("boot.kernel", "direct kernel boot (boot.kernel)"),
         ] {
             if cfg.get(key)?.is_some() {
                 return Err(VmError::Unsupported(what));
@@ -123,12 +125,32 @@ impl Vm {
         let kvm = hypervisor::open()?;
         let vm_fd = Arc::new(hypervisor::create_vm(&kvm, cpus)?);
         let mut ram = GuestRam::new(&vm_fd, layout)?;
-        // Boot payload: a firmware ROM, started from the reset vector on the BSP. Mapped now,
-        // with the rest of guest memory, before the irqchip (see `create_irqchip`).
-        let rom = cfg.get("lpc.bootrom")?.ok_or(VmError::NoBootPayload)?;
-        let vars = cfg.get("lpc.bootvars")?;
-        let rom_base = ram.map_bootrom(&vm_fd, &rom, vars.as_deref())?;
-        log::info!("boot ROM {rom} mapped at {rom_base:#x}");
+        // Boot payload: a firmware ROM, started from the reset vector on the BSP, or a Linux
+        // kernel entered directly. The ROM is mapped now, with the rest of guest memory,
+        // before the irqchip (see `create_irqchip`).
+        let kernel_entry = match (cfg.get("lpc.bootrom")?, cfg.get("boot.kernel")?) {
+            (Some(_), Some(_)) => {
+                return Err(VmError::Device(
+                    "give either a boot ROM (-l bootrom) or a kernel (boot.kernel), not both"
+                        .into(),
+                ))
+            }
+            (None, None) => return Err(VmError::NoBootPayload),
+            (Some(rom), None) => {
+                let vars = cfg.get("lpc.bootvars")?;
+                let rom_base = ram.map_bootrom(&vm_fd, &rom, vars.as_deref())?;
+                log::info!("boot ROM {rom} mapped at {rom_base:#x}");
+                None
+            }
+            (None, Some(kernel)) => {
+                let initrd = cfg.get("boot.initrd")?;
+                let cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
+                let entry = linux::load(&ram.mem, &layout, &kernel, initrd.as_deref(), &cmdline)?;
+                linux::write_boot_tables(&ram.mem, entry)?;
+                log::info!("kernel {kernel} loaded, entry {entry:?}");
+                Some(entry)
+            }
+        };
         hypervisor::create_irqchip(&vm_fd)?;
 
         let shared = Arc::new(VmShared {
@@ -207,7 +229,10 @@ impl Vm {
             }
         }
         if let Some(bsp) = vcpus.first() {
-            hypervisor::vcpu_reset(&bsp.fd)?;
+            match kernel_entry {
+                Some(entry) => linux::setup_bsp(&bsp.fd, entry)?,
+                None => hypervisor::vcpu_reset(&bsp.fd)?,
+            }
         }
 
         Ok(Vm {

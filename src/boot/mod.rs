@@ -1,0 +1,3 @@
+//! Boot payloads other than a firmware ROM: direct Linux kernel boot.
+
+pub mod linux;
