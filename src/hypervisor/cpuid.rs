@@ -45,9 +45,24 @@ impl Topology {
 
 const CPUID_HTT: u32 = 1 << 28;
 
-/// Builds vCPU `id`'s CPUID from KVM's supported table.
-pub fn for_vcpu(supported: &CpuId, id: u32, topo: &Topology) -> CpuId {
+/// CPUID.1:ECX.CX16 (cmpxchg16b).
+const CPUID_CX16: u32 = 1 << 13;
+
+/// Whether this host's KVM is PVM (a software hypervisor; DESIGN.md §3).
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Builds vCPU `id`'s CPUID from KVM's supported table. On PVM, CX16 is hidden: PVM's
+/// instruction emulator stops the VM on `lock cmpxchg16b`, which a guest kernel running in
+/// emulated kernel mode executes as soon as it knows it may (the Debian 6.1 kernel does, early).
+pub fn for_vcpu(supported: &CpuId, id: u32, topo: &Topology, pvm: bool) -> CpuId {
     let mut cpuid = supported.clone();
+    if pvm {
+        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            e.ecx &= !CPUID_CX16;
+        }
+    }
     // The extended-topology leaves need one entry per level; KVM's table may list only some.
     for leaf in [0xbu32, 0x1f] {
         if !cpuid.as_slice().iter().any(|e| e.function == leaf) {

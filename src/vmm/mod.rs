@@ -168,9 +168,13 @@ impl Vm {
                 what: "KVM_GET_SUPPORTED_CPUID",
                 err,
             })?;
+        let pvm = cpuid::host_is_pvm();
+        if pvm {
+            log::info!("host KVM is PVM (software virtualization): guest kernel code is emulated; CX16 hidden from the guest");
+        }
         let mut vcpus = Vec::with_capacity(cpus as usize);
         for id in 0..cpus {
-            let table = cpuid::for_vcpu(&supported, id, &topo);
+            let table = cpuid::for_vcpu(&supported, id, &topo, pvm);
             let fd = hypervisor::create_vcpu(&vm_fd, id, &table)?;
             let cpuset = match cfg.get(&format!("vcpu.{id}.cpuset"))? {
                 Some(s) => Some(parse_cpulist(&s).ok_or_else(|| ConfigError::Invalid {
