@@ -27,3 +27,5 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
+# The stock Linux kernel some tests boot (cached under .cache/linux).
+"$(dirname "$0")/fetch-linux.sh" >/dev/null
