@@ -484,14 +484,7 @@ impl VirtioDevice for Blk {
         CONFIG_LEN
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.disk.config();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| c.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_window(&self.disk.config(), offset, data);
     }
 
     fn activate(

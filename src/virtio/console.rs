@@ -357,9 +357,7 @@ impl VirtioDevice for Console {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 12];
         c[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_window(&c, offset, data);
     }
 
     fn activate(

@@ -292,6 +292,19 @@ impl Drop for Worker {
     }
 }
 
+/// Copies the part of a device's configuration structure `config` that a guest read of
+/// `data.len()` bytes at `offset` covers; bytes past its end read as zero.
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Reads and clears an eventfd's counter; returns how many notifications it had collected.
 pub fn drain(evt: &EventFd) -> u64 {
     evt.read().unwrap_or(0)

@@ -303,9 +303,7 @@ impl VirtioDevice for Net {
         c[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.unwrap_or(1500).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_window(&c, offset, data);
     }
 
     fn activate(
