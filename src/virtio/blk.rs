@@ -27,6 +27,9 @@ const IO_THREADS: usize = 4;
 /// Largest data segment accepted, and segments per request.
 const SIZE_MAX: u32 = 1 << 20;
 const SEG_MAX: u32 = 126;
+/// Largest transfer one request may ask for: the bounce buffer is this big at most, so a
+/// guest cannot make the I/O threads allocate without bound.
+const REQUEST_MAX: u64 = 8 << 20;
 
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
@@ -288,7 +291,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, r: &Request) -> (u8, u32) {
     };
     match r.kind {
         T_IN | T_OUT => {
-            if !in_range(total) || !total.is_multiple_of(SECTOR) {
+            if !in_range(total) || !total.is_multiple_of(SECTOR) || total > REQUEST_MAX {
                 return (S_IOERR, 0);
             }
             if r.kind == T_OUT && disk.ro {
@@ -729,6 +732,26 @@ mod tests {
             (0x3000, 1, WRITE),
         ];
         assert_eq!(run(&m, &d, &partial), Some((S_IOERR, 0)));
+        // More than REQUEST_MAX in one request: refused before any buffer is allocated. Nine
+        // 1 MiB segments over the same (valid) guest memory: only the size cap can fail it.
+        let (disk_big, big_path) = {
+            let p = std::env::temp_dir().join(format!("rhyve-blk-big-{}.img", std::process::id()));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(64 << 20)
+                .unwrap();
+            let mut c = Config::new();
+            c.set("pci.0.4.0.path", p.to_str().unwrap()).unwrap();
+            (Disk::open(&c, "pci.0.4.0").unwrap(), p)
+        };
+        let mut big = vec![(0x1000u64, 16u32, NEXT)];
+        for _ in 0..9 {
+            big.push((0, 1 << 20, NEXT | WRITE));
+        }
+        big.push((0x3000, 1, WRITE));
+        header(&m, T_IN, 0);
+        assert_eq!(run(&m, &disk_big, &big), Some((S_IOERR, 0)));
+        std::fs::remove_file(big_path).unwrap();
         // An unknown request type.
         header(&m, 99, 0);
         assert_eq!(
