@@ -52,6 +52,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("boot.kernel", Kind::Str),
     ("boot.initrd", Kind::Str),
     ("boot.cmdline", Kind::Str),
+    ("boot.pvm_cmdline", Kind::Bool),
     ("debug.boot_timer", Kind::Bool),
 ];
 

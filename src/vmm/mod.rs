@@ -53,6 +53,9 @@ pub enum VmError {
     Thread(std::io::Error),
 }
 
+/// Kernel command-line additions on PVM hosts (`boot.pvm_cmdline`).
+pub const PVM_CMDLINE: &str = " noxsave clearcpuid=popcnt,smap,ssse3";
+
 /// What the vCPU threads and devices share.
 pub struct VmShared {
     pub ctl: Arc<VmControl>,
@@ -123,6 +126,10 @@ impl Vm {
         let layout = MemoryLayout::new(memsize)?;
 
         let kvm = hypervisor::open()?;
+        let pvm = cpuid::host_is_pvm();
+        if pvm {
+            log::info!("host KVM is PVM (software virtualization): guest kernel code is emulated; CX16 hidden from the guest");
+        }
         let vm_fd = Arc::new(hypervisor::create_vm(&kvm, cpus)?);
         let mut ram = GuestRam::new(&vm_fd, layout)?;
         // Boot payload: a firmware ROM, started from the reset vector on the BSP, or a Linux
@@ -144,7 +151,12 @@ impl Vm {
             }
             (None, Some(kernel)) => {
                 let initrd = cfg.get("boot.initrd")?;
-                let cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
+                let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
+                if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
+                    // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the
+                    // SMAP and SSSE3 paths (DESIGN.md §3). -o boot.pvm_cmdline=false drops it.
+                    cmdline.push_str(PVM_CMDLINE);
+                }
                 let entry = linux::load(&ram.mem, &layout, &kernel, initrd.as_deref(), &cmdline)?;
                 linux::write_boot_tables(&ram.mem, entry)?;
                 log::info!("kernel {kernel} loaded, entry {entry:?}");
@@ -168,10 +180,6 @@ impl Vm {
                 what: "KVM_GET_SUPPORTED_CPUID",
                 err,
             })?;
-        let pvm = cpuid::host_is_pvm();
-        if pvm {
-            log::info!("host KVM is PVM (software virtualization): guest kernel code is emulated; CX16 hidden from the guest");
-        }
         let mut vcpus = Vec::with_capacity(cpus as usize);
         for id in 0..cpus {
             let table = cpuid::for_vcpu(&supported, id, &topo, pvm);

@@ -21,6 +21,22 @@ pub enum VmExitAction {
     Suspend(SuspendReason),
     /// A fatal error, already reported: stop with status 4.
     Abort,
+    /// Nothing can handle this exit: `vm_loop` reports it (exit, vCPU, RIP) and stops (status 4).
+    Unhandled,
+    /// Finish an instruction KVM could not emulate; `vm_loop` applies it to the vCPU.
+    Assist(Assist),
+}
+
+/// What to do for an instruction PVM's emulator gave up on (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assist {
+    /// Step over it (`fwait`: no x87 exception can be pending here).
+    Skip(u8),
+    /// `clac`/`stac`: set RFLAGS.AC, then step over it.
+    SetAc(bool, u8),
+    /// `int3`: step over it and deliver #BP, as the CPU would (a trap: the saved RIP is the
+    /// next instruction). Linux's live code patching relies on it.
+    Breakpoint(u8),
 }
 
 /// One VM exit, decoded from `kvm_run`: the `struct vm_exit` a handler receives.
@@ -50,6 +66,12 @@ pub enum VmExit<'a> {
     SystemEvent {
         kind: u32,
     },
+    /// KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction's bytes.
+    InternalError {
+        suberror: u32,
+        insn: [u8; 15],
+        len: usize,
+    },
     /// An exit with no payload a handler needs (shutdown, interrupted, ...).
     Plain,
 }
@@ -76,6 +98,7 @@ pub static VMEXIT_HANDLERS: [Option<VmExitHandler>; NR_EXIT_REASONS] = {
     t[KVM_EXIT_SHUTDOWN as usize] = Some(vmexit_shutdown);
     t[KVM_EXIT_SYSTEM_EVENT as usize] = Some(vmexit_system_event);
     t[KVM_EXIT_INTR as usize] = Some(vmexit_intr);
+    t[KVM_EXIT_INTERNAL_ERROR as usize] = Some(vmexit_internal_error);
     t
 };
 
@@ -289,6 +312,74 @@ fn vmexit_system_event(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction
     VmExitAction::Suspend(reason)
 }
 
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// Decides how to finish an instruction KVM's emulator could not (only the few a stock Linux
+/// kernel needs on PVM hosts); anything else is unhandled.
+pub fn emulation_assist(insn: &[u8]) -> Option<Assist> {
+    match insn {
+        [0xcc, ..] => Some(Assist::Breakpoint(1)),
+        [0x9b, ..] => Some(Assist::Skip(1)),
+        [0x0f, 0x01, 0xca, ..] => Some(Assist::SetAc(false, 3)),
+        [0x0f, 0x01, 0xcb, ..] => Some(Assist::SetAc(true, 3)),
+        _ => None,
+    }
+}
+
+fn vmexit_internal_error(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    static ASSISTS: AtomicU64 = AtomicU64::new(0);
+    let VmExit::InternalError {
+        suberror,
+        insn,
+        len,
+    } = exit
+    else {
+        return mismatched(ctx);
+    };
+    if *suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return VmExitAction::Unhandled;
+    }
+    match emulation_assist(&insn[..*len]) {
+        Some(a) => {
+            if rate_limited(&ASSISTS, 10_000) {
+                log::debug!("vcpu {}: emulation assist {a:?}", ctx.id);
+            }
+            VmExitAction::Assist(a)
+        }
+        None => VmExitAction::Unhandled,
+    }
+}
+
+/// Applies an emulation assist to the vCPU's registers (and events, for #BP).
+fn apply_assist(vcpu: &VcpuFd, a: Assist) -> Result<(), kvm_ioctls::Error> {
+    const RFLAGS_AC: u64 = 1 << 18;
+    const BP_VECTOR: u8 = 3;
+    let mut regs = vcpu.get_regs()?;
+    let len = match a {
+        Assist::Skip(n) | Assist::Breakpoint(n) => n,
+        Assist::SetAc(on, n) => {
+            if on {
+                regs.rflags |= RFLAGS_AC;
+            } else {
+                regs.rflags &= !RFLAGS_AC;
+            }
+            n
+        }
+    };
+    regs.rip = regs.rip.wrapping_add(u64::from(len));
+    vcpu.set_regs(&regs)?;
+    if let Assist::Breakpoint(_) = a {
+        let mut ev = vcpu.get_vcpu_events()?;
+        ev.exception.injected = 1;
+        ev.exception.nr = BP_VECTOR;
+        ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
+        vcpu.set_vcpu_events(&ev)?;
+    }
+    Ok(())
+}
+
 /// The vCPU was kicked out of KVM_RUN; `vm_loop` looks at the suspend and pause flags next.
 fn vmexit_intr(_ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
     VmExitAction::Continue
@@ -351,6 +442,32 @@ fn decode(run: &mut kvm_run, run_size: usize) -> VmExit<'_> {
             // SAFETY: the exit reason says the `system_event` member is the valid one.
             let kind = unsafe { run.__bindgen_anon_1.system_event.type_ };
             VmExit::SystemEvent { kind }
+        }
+        KVM_EXIT_INTERNAL_ERROR => {
+            // SAFETY: the exit reason says the `emulation_failure` member (the layout KVM
+            // uses for every internal error) is the valid one.
+            let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+            let mut insn = [0u8; 15];
+            let mut len = 0;
+            if ef.suberror == KVM_INTERNAL_ERROR_EMULATION
+                && ef.ndata >= 2
+                && ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES != 0
+            {
+                // SAFETY: the flag says the instruction bytes are present.
+                let (n, bytes) = unsafe {
+                    (
+                        ef.__bindgen_anon_1.__bindgen_anon_1.insn_size,
+                        ef.__bindgen_anon_1.__bindgen_anon_1.insn_bytes,
+                    )
+                };
+                len = usize::from(n).min(insn.len());
+                insn[..len].copy_from_slice(&bytes[..len]);
+            }
+            VmExit::InternalError {
+                suberror: ef.suberror,
+                insn,
+                len,
+            }
         }
         _ => VmExit::Plain,
     }
@@ -426,22 +543,60 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
         }
         let run = vcpu.get_kvm_run();
         let reason = run.exit_reason;
-        let Some(handler) = VMEXIT_HANDLERS.get(reason as usize).copied().flatten() else {
-            let detail = exit_detail(run);
-            let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
-            eprint!(
-                "rhyve: vm_loop: unhandled exit {} ({reason}) on vcpu {} at rip {rip:#x}{detail}\r\n",
-                exit_name(reason),
-                ctx.id
-            );
-            ctl.suspend(SuspendReason::Error);
-            return;
+        let action = match VMEXIT_HANDLERS.get(reason as usize).copied().flatten() {
+            Some(handler) => handler(ctx, &mut decode(run, run_size)),
+            None => VmExitAction::Unhandled,
         };
-        let mut exit = decode(run, run_size);
-        match handler(ctx, &mut exit) {
+        match action {
             VmExitAction::Continue => {}
             VmExitAction::Suspend(r) => ctl.suspend(r),
             VmExitAction::Abort => ctl.suspend(SuspendReason::Error),
+            VmExitAction::Assist(a) => {
+                if let Err(e) = apply_assist(vcpu, a) {
+                    eprint!("rhyve: vcpu {}: cannot apply {a:?}: {e}\r\n", ctx.id);
+                    ctl.suspend(SuspendReason::Error);
+                }
+            }
+            VmExitAction::Unhandled => {
+                let detail = exit_detail(vcpu.get_kvm_run());
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+                eprint!(
+                    "rhyve: vm_loop: unhandled exit {} ({reason}) on vcpu {} at rip {rip:#x}{detail}\r\n",
+                    exit_name(reason),
+                    ctx.id
+                );
+                ctl.suspend(SuspendReason::Error);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulation_assists_cover_exactly_the_known_instructions() {
+        assert_eq!(emulation_assist(&[0xcc, 0x90]), Some(Assist::Breakpoint(1)));
+        assert_eq!(emulation_assist(&[0x9b]), Some(Assist::Skip(1)));
+        assert_eq!(
+            emulation_assist(&[0x0f, 0x01, 0xca]),
+            Some(Assist::SetAc(false, 3))
+        );
+        assert_eq!(
+            emulation_assist(&[0x0f, 0x01, 0xcb, 0xc3]),
+            Some(Assist::SetAc(true, 3))
+        );
+        // iret, xrstor, lock cmpxchg16b, a truncated clac, nothing: not ours to emulate.
+        for insn in [
+            &[0xcf][..],
+            &[0x48, 0x0f, 0xae, 0x2f],
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20],
+            &[0x0f, 0x01],
+            &[],
+        ] {
+            assert_eq!(emulation_assist(insn), None, "{insn:x?}");
         }
     }
 }
