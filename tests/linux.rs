@@ -2,7 +2,8 @@
 //! directly from its bzImage. On this project's PVM hosts the kernel's own code is emulated and
 //! is slow; this test checks the early boot: the banner, the E820 map rhyve gave, the ACPI
 //! tables parsed, the DSDT's AML run by Linux's interpreter, and the PCI root bridge found.
-//! It takes about three minutes here (PVM emulation assists and command-line additions on).
+//! It takes about three minutes here (PVM emulation assists, MSR filter and command-line
+//! additions on), with two vCPUs.
 
 mod common;
 use common::*;
@@ -31,6 +32,8 @@ fn stock_debian_kernel_reads_rhyves_e820_acpi_tables_and_finds_the_pci_root() {
     require_kvm();
     let k = format!("boot.kernel={}", kernel());
     let mut child = spawn(&[
+        "-c",
+        "2",
         "-m",
         "512M",
         "-l",
@@ -65,6 +68,10 @@ fn stock_debian_kernel_reads_rhyves_e820_acpi_tables_and_finds_the_pci_root() {
         "ACPI: 1 ACPI AML tables successfully acquired and loaded",
         "ACPI: PM: (supports S0 S5)",
         "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])",
+        // PVM answers IA32_APIC_BASE reads with 0; rhyve's MSR filter answers them, so Linux
+        // keeps its local APIC and starts the second vCPU with INIT/SIPI.
+        "x2apic enabled",
+        "smp: Brought up 1 node, 2 CPUs",
     ];
     let mut seen = vec![false; want.len()];
     let mut log = String::new();

@@ -20,6 +20,9 @@ pub const TSS_ADDR: u64 = 0xfeff_d000;
 /// KVM_CAP_X86_USER_SPACE_MSR: exits to userspace for MSRs KVM does not know.
 const KVM_CAP_X86_USER_SPACE_MSR: u32 = 188;
 const KVM_MSR_EXIT_REASON_UNKNOWN: u64 = 1 << 1;
+const KVM_MSR_EXIT_REASON_FILTER: u64 = 1 << 2;
+/// IA32_APIC_BASE.
+pub const MSR_APIC_BASE: u32 = 0x1b;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
@@ -101,13 +104,28 @@ pub fn create_irqchip(vm: &VmFd) -> Result<(), HvError> {
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     // Unknown MSRs come to rhyve, which injects #GP or ignores them per x86.strictmsr (-w).
+    // On PVM, reads of IA32_APIC_BASE come too: PVM answers them with 0, so a guest would think
+    // it has no local APIC (DESIGN.md §3); rhyve answers with the architectural value.
+    let pvm = cpuid::host_is_pvm();
+    let reasons = KVM_MSR_EXIT_REASON_UNKNOWN | if pvm { KVM_MSR_EXIT_REASON_FILTER } else { 0 };
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
-        args: [KVM_MSR_EXIT_REASON_UNKNOWN, 0, 0, 0],
+        args: [reasons, 0, 0, 0],
         ..Default::default()
     };
     vm.enable_cap(&cap)
         .map_err(kvm_err("KVM_CAP_X86_USER_SPACE_MSR"))?;
+    if pvm {
+        // A 0 bit denies (here: sends to rhyve) the read of that MSR.
+        let range = kvm_ioctls::MsrFilterRange {
+            flags: kvm_ioctls::MsrFilterRangeFlags::READ,
+            base: MSR_APIC_BASE,
+            msr_count: 1,
+            bitmap: &[0],
+        };
+        vm.set_msr_filter(kvm_ioctls::MsrFilterDefaultAction::ALLOW, &[range])
+            .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
+    }
     Ok(())
 }
 

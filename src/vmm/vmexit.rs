@@ -254,6 +254,15 @@ fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     let VmExit::Rdmsr { index, data, error } = exit else {
         return mismatched(ctx);
     };
+    if *index == crate::hypervisor::MSR_APIC_BASE {
+        // Filtered on PVM hosts (see create_irqchip): the default LAPIC address, enabled,
+        // with the BSP flag on vCPU 0.
+        const ENABLE: u64 = 1 << 11;
+        const BSP: u64 = 1 << 8;
+        **data = crate::hypervisor::memory::LAPIC_BASE | ENABLE | if ctx.id == 0 { BSP } else { 0 };
+        **error = 0;
+        return VmExitAction::Continue;
+    }
     if ctx.vm.strictmsr {
         if rate_limited(&LOGGED, 100) {
             log::warn!(
