@@ -5,25 +5,16 @@
  * pending bit must be set, and delivery must happen at unmask).
  */
 #include "rom.h"
-#define DEV             0xe0020000      /* ECAM: bus 0, slot 4, function 0 */
 #define VEC             0x41
-#define COUNT           0x6100
-#define IOBASE          0x6104
-#define LAPIC_EOI       0xfee000b0
-
-        .macro SHOWCOUNT text
-        PRINT "\text"
-        movl    COUNT, %eax
-        call    putdec
-        PRINT "\r\n"
-        .endm
+#define FIRE_OFFSET     0x1c
+#include "dummyirq.inc"
 
         .text
         .code32
         .globl main
 main:
         movl    $0, COUNT
-        movl    $msi_handler, %eax
+        movl    $irq_handler, %eax
         movl    $VEC, %ecx
         call    set_gate
 
@@ -102,31 +93,3 @@ bir_to_addr:
         addl    %ecx, %eax
         popl    %ecx
         ret
-
-/* Ask the device to raise vector 1. */
-fire:
-        pushl   %eax
-        pushl   %edx
-        movl    IOBASE, %edx
-        addl    $0x1c, %edx
-        movl    $1, %eax
-        outl    %eax, %dx
-        popl    %edx
-        popl    %eax
-        ret
-
-delay:
-        pushl   %ecx
-        movl    $20000, %ecx
-1:      pause
-        loop    1b
-        popl    %ecx
-        ret
-
-msi_handler:
-        incl    COUNT
-        movl    $0, LAPIC_EOI
-        /* Same-privilege return without iret (PVM cannot emulate it; see start.S). */
-        pushl   8(%esp)
-        popfl
-        ret     $8
