@@ -1,6 +1,8 @@
 //! A minimal stderr logger: quiet by default (warnings and errors), `-v` for info, `-vv` for
 //! debug, `-vvv` for trace. `RHYVE_LOG=debug` works too, for tests that cannot pass flags.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
@@ -42,4 +44,12 @@ pub fn init(verbosity: u8) {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }
+}
+
+/// True for one call in `every` on `counter`: log guest-caused problems at a rate limit, so a
+/// guest cannot flood the log.
+pub fn rate_limited(counter: &AtomicU64, every: u64) -> bool {
+    counter
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(every)
 }

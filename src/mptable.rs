@@ -3,6 +3,7 @@
 //! and ISA buses, the I/O APIC and how every ISA IRQ and PCI INTx line reaches it (the same
 //! routing the ACPI tables and the PCI root describe). `-Y` leaves it out, as in bhyve.
 
+use crate::acpi::checksum;
 use crate::hypervisor::memory::{IOAPIC_BASE, LAPIC_BASE};
 use crate::pci::root::{INTX_FIRST_PIN, INTX_PINS};
 
@@ -12,10 +13,6 @@ pub const MPTABLE_MAX: usize = 0x2400;
 const PCI_BUS: u8 = 0;
 const ISA_BUS: u8 = 1;
 const IOAPIC_ID: u8 = 0;
-
-fn checksum(data: &[u8]) -> u8 {
-    0u8.wrapping_sub(data.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
-}
 
 /// Builds the table for vCPUs with `apic_ids` (vCPU 0 is the BSP); None if it would not fit.
 pub fn build(apic_ids: &[u32]) -> Option<Vec<u8>> {

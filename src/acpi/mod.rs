@@ -59,7 +59,8 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn checksum(data: &[u8]) -> u8 {
+/// The byte that makes `data` sum to zero (ACPI and MP tables alike).
+pub fn checksum(data: &[u8]) -> u8 {
     0u8.wrapping_sub(data.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
 

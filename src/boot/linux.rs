@@ -177,7 +177,7 @@ pub fn load(
         _ => None,
     };
     if let Some(rip) = pvh {
-        write_pvh(mem, &map, cmdline_len, initrd_loc)?;
+        write_pvh(mem, &map, initrd_loc)?;
         return Ok(Entry::Pvh { rip });
     }
     let mut params = boot_params::default();
@@ -225,10 +225,8 @@ pub fn load(
 fn write_pvh(
     mem: &GuestMemoryMmap,
     map: &[(u64, u64, u32)],
-    cmdline_len: usize,
     initrd: Option<(u64, u64)>,
 ) -> Result<(), BootError> {
-    let _ = cmdline_len;
     let memmap: Vec<hvm_memmap_table_entry> = map
         .iter()
         .map(|(addr, size, type_)| hvm_memmap_table_entry {

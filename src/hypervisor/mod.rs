@@ -95,7 +95,7 @@ pub fn create_vm(kvm: &Kvm, cpus: u32) -> Result<VmFd, HvError> {
 /// Call it after every memory slot is mapped: on this project's PVM hosts the first slot added
 /// after the irqchip exists costs a fixed ~7 ms (measured: BENCHMARKS.md), against ~15 us
 /// before it. It must come before the vCPUs are created, as KVM requires.
-pub fn create_irqchip(vm: &VmFd) -> Result<(), HvError> {
+pub fn create_irqchip(vm: &VmFd, pvm: bool) -> Result<(), HvError> {
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
@@ -106,7 +106,6 @@ pub fn create_irqchip(vm: &VmFd) -> Result<(), HvError> {
     // Unknown MSRs come to rhyve, which injects #GP or ignores them per x86.strictmsr (-w).
     // On PVM, reads of IA32_APIC_BASE come too: PVM answers them with 0, so a guest would think
     // it has no local APIC (DESIGN.md §3); rhyve answers with the architectural value.
-    let pvm = cpuid::host_is_pvm();
     let reasons = KVM_MSR_EXIT_REASON_UNKNOWN | if pvm { KVM_MSR_EXIT_REASON_FILTER } else { 0 };
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,

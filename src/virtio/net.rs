@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -66,7 +67,7 @@ fn open_tap(backend: &str) -> Result<File, String> {
     let file = File::options()
         .read(true)
         .write(true)
-        .custom_flags_nonblock()
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| err(path, e))?;
     if !backend.starts_with('/') {
@@ -90,17 +91,6 @@ fn open_tap(backend: &str) -> Result<File, String> {
         return Err(err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
     }
     Ok(file)
-}
-
-/// `custom_flags(O_NONBLOCK)` without pulling OpenOptionsExt into every caller.
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_NONBLOCK)
-    }
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {

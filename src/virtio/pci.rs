@@ -46,9 +46,12 @@ const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_NEEDS_RESET: u8 = 0x40;
 const NO_VECTOR: u16 = 0xffff;
 
-/// A log line for one in `every` bad guest actions.
+/// Log one in this many bad guest actions of a device.
+pub const BAD_INPUT_LOG_EVERY: u64 = 100;
+
+/// Rate limit for a device's complaints about guest input.
 pub fn rate_limited(counter: &AtomicU64) -> bool {
-    counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(100)
+    crate::logging::rate_limited(counter, BAD_INPUT_LOG_EVERY)
 }
 
 struct QueueState {

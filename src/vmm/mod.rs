@@ -163,7 +163,7 @@ impl Vm {
                 Some(entry)
             }
         };
-        hypervisor::create_irqchip(&vm_fd)?;
+        hypervisor::create_irqchip(&vm_fd, pvm)?;
 
         let shared = Arc::new(VmShared {
             ctl: Arc::new(VmControl::new()),

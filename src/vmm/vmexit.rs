@@ -5,13 +5,14 @@
 //! status), or abort (status 4). An exit reason with no handler is reported with its name, the
 //! vCPU and the guest RIP, and ends rhyve with status 4, as bhyve's `vm_loop` does.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use kvm_bindings::*;
 use kvm_ioctls::VcpuFd;
 
 use super::control::SuspendReason;
 use super::VmShared;
+use crate::logging::rate_limited;
 
 /// What a handler tells `vm_loop` (bhyve's VMEXIT_CONTINUE / VMEXIT_ABORT / vm_suspend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,13 +151,6 @@ pub fn exit_name(reason: u32) -> &'static str {
         .get(reason as usize)
         .copied()
         .unwrap_or("(unknown to rhyve)")
-}
-
-/// A log line at most every `every` occurrences, so a guest cannot flood the log.
-fn rate_limited(counter: &AtomicU64, every: u64) -> bool {
-    counter
-        .fetch_add(1, Ordering::Relaxed)
-        .is_multiple_of(every)
 }
 
 /// The exit's data did not decode as its reason says (a kvm_run the kernel filled oddly):
