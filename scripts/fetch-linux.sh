@@ -16,6 +16,6 @@ if ! ls "$dest"/boot/vmlinuz-* >/dev/null 2>&1; then
     [ -n "$pkg" ] || { echo "fetch-linux: cannot find linux-image-cloud-amd64's kernel package" >&2; exit 1; }
     (cd "$dest/deb" && apt-get download "$pkg" >&2 2>/dev/null)
     dpkg-deb -x "$dest"/deb/*.deb "$dest"
-    rm -rf "$dest/deb" "$dest/lib"
+    rm -rf "$dest/deb"
 fi
 ls "$dest"/boot/vmlinuz-* | head -n 1

@@ -15,7 +15,7 @@ exec 3>&-
 
 # Debian packages: a command each needs, and the package that provides it.
 need=()
-for pair in gcc:gcc as:binutils ld:binutils objcopy:binutils nm:binutils unshare:util-linux ip:iproute2 ping:iputils-ping iasl:acpica-tools; do
+for pair in gcc:gcc as:binutils ld:binutils objcopy:binutils nm:binutils unshare:util-linux ip:iproute2 ping:iputils-ping iasl:acpica-tools cpio:cpio mkfs.ext4:e2fsprogs debugfs:e2fsprogs; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

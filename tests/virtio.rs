@@ -195,68 +195,22 @@ fn bad_virtio_blk_configurations_are_one_line_and_status_4() {
     std::fs::remove_file(&img).unwrap();
 }
 
-/// A network namespace this test owns; removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("rhyve-{tag}-{}", std::process::id());
-        let st = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip (iproute2)");
-        assert!(
-            st.success(),
-            "cannot create network namespace {name} (needs root)"
-        );
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .expect("run ip netns exec")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn virtio_net_carries_frames_both_ways_through_a_tap_in_a_private_netns() {
     require_kvm();
     let ns = Netns::new("net");
     let bootrom = format!("bootrom,{}", rom("virtio_net"));
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_rhyve")])
-        .args(["-s", "4,virtio-net,tap0,mac=52:54:00:12:34:56"])
-        .args(["-l", "com1,stdio", "-l", &bootrom, "vm"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = ns.spawn_rhyve(&[
+        "-s",
+        "4,virtio-net,tap0,mac=52:54:00:12:34:56",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "vm",
+    ]);
     // rhyve creates tap0 inside the namespace; give it the host side's address there.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !ns.exec(&["ip", "link", "show", "tap0"]).status.success() {
-        assert!(std::time::Instant::now() < deadline, "tap0 never appeared");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(ns
-        .exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "tap0"])
-        .status
-        .success());
-    assert!(ns
-        .exec(&["ip", "link", "set", "tap0", "up"])
-        .status
-        .success());
+    ns.configure_tap("tap0", "10.77.0.1/24", std::time::Duration::from_secs(20));
     // The guest answers ARP only (no ICMP replies): ping just makes the host send an ARP
     // request and then, having learnt the guest's MAC from the reply, an echo request.
     let _ = ns.exec(&["ping", "-c", "3", "-i", "0.5", "-W", "1", "10.77.0.2"]);

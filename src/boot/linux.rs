@@ -115,18 +115,53 @@ pub fn load(
     kernel: &str,
     initrd: Option<&str>,
     cmdline: &str,
+    unpack_bzimage: bool,
 ) -> Result<Entry, BootError> {
     let kerr = kernel_err(kernel);
     let mut file = File::open(kernel).map_err(|e| kerr(e.to_string()))?;
-    let is_elf = kind(&mut file)
+    let mut is_elf = kind(&mut file)
         .map_err(|e| kerr(e.to_string()))?
         .ok_or_else(|| kerr("is neither an ELF vmlinux nor a bzImage".into()))?;
-    let res: KernelLoaderResult = if is_elf {
-        Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
-    } else {
-        BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
+    let mut res: Option<KernelLoaderResult> = None;
+    if !is_elf && unpack_bzimage {
+        // The ELF inside, entered through its PVH note: no decompressor runs in the guest.
+        let mut image = Vec::new();
+        file.read_to_end(&mut image)
+            .map_err(|e| kerr(e.to_string()))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| kerr(e.to_string()))?;
+        match super::bzimage::unpack(&image).map_err(|e| kerr(format!("cannot unpack: {e}")))? {
+            Some(elf) => {
+                let r = Elf::load(
+                    mem,
+                    None,
+                    &mut std::io::Cursor::new(&elf),
+                    Some(GuestAddress(KERNEL_START)),
+                )
+                .map_err(|e| kerr(format!("cannot load its unpacked ELF: {e}")))?;
+                if let PvhBootCapability::PvhEntryPresent(_) = r.pvh_boot_cap {
+                    log::info!(
+                        "{kernel}: unpacked its {} MiB kernel ELF; entering it through PVH",
+                        elf.len() >> 20
+                    );
+                    is_elf = true;
+                    res = Some(r);
+                } else {
+                    log::info!("{kernel}: its kernel ELF has no PVH note; booting the bzImage");
+                }
+            }
+            None => log::info!(
+                "{kernel}: payload compressor not unpacked by rhyve; booting the bzImage"
+            ),
+        }
     }
-    .map_err(|e| kerr(format!("cannot load it: {e}")))?;
+    let res: KernelLoaderResult = match res {
+        Some(r) => r,
+        None if is_elf => Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
+            .map_err(|e| kerr(format!("cannot load it: {e}")))?,
+        None => BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
+            .map_err(|e| kerr(format!("cannot load it: {e}")))?,
+    };
 
     let mut cl = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -416,13 +451,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let junk = dir.join("junk");
         std::fs::write(&junk, vec![0x90u8; 4096]).unwrap();
-        let e = load(&mem, &l, junk.to_str().unwrap(), None, "").unwrap_err();
+        let e = load(&mem, &l, junk.to_str().unwrap(), None, "", true).unwrap_err();
         assert!(
             e.to_string()
                 .contains("neither an ELF vmlinux nor a bzImage"),
             "{e}"
         );
-        let e = load(&mem, &l, "/nonexistent/vmlinuz", None, "").unwrap_err();
+        let e = load(&mem, &l, "/nonexistent/vmlinuz", None, "", true).unwrap_err();
         assert!(e.to_string().contains("No such file"), "{e}");
         // A truncated bzImage: the header says more than the file holds.
         let mut bz = vec![0u8; 0x400];
@@ -433,8 +468,15 @@ mod tests {
         bz[0x211] = 1; // loaded high
         let bzp = dir.join("bz");
         std::fs::write(&bzp, &bz).unwrap();
-        let e = load(&mem, &l, bzp.to_str().unwrap(), None, "").unwrap_err();
+        let e = load(&mem, &l, bzp.to_str().unwrap(), None, "", false).unwrap_err();
         assert!(e.to_string().contains("cannot load it"), "{e}");
+        // Unpacking it (PVM's default) finds the same truncation in the payload fields.
+        let e = load(&mem, &l, bzp.to_str().unwrap(), None, "", true).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot unpack: payload (0 bytes at 0x0) runs past the end"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

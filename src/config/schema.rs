@@ -53,7 +53,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("boot.initrd", Kind::Str),
     ("boot.cmdline", Kind::Str),
     ("boot.pvm_cmdline", Kind::Bool),
+    ("boot.unpack_bzimage", Kind::Bool),
     ("debug.boot_timer", Kind::Bool),
+    ("debug.exit_stats", Kind::Bool),
+    ("debug.rip_samples", Kind::Str),
+    ("debug.rip_sample_hz", Kind::Count),
 ];
 
 /// bhyve's defaults (bhyverun.c `set_defaults`), written into the tree so `config.dump` shows them.

@@ -2,6 +2,7 @@
 //! devices -> boot payload -> start vCPUs -> wait for the VM to stop.
 
 pub mod control;
+pub mod profile;
 pub mod vcpu;
 pub mod vmexit;
 
@@ -65,6 +66,8 @@ pub struct VmShared {
     pub strictio: bool,
     /// x86.strictmsr (cleared by `-w`): unimplemented MSRs raise #GP.
     pub strictmsr: bool,
+    /// Exit counts and RIP samples, when asked for (`debug.exit_stats`, `debug.rip_samples`).
+    pub profile: Option<Arc<profile::Profile>>,
 }
 
 /// A built VM, ready to start.
@@ -134,8 +137,9 @@ impl Vm {
         let mut ram = GuestRam::new(&vm_fd, layout)?;
         // Boot payload: a firmware ROM, started from the reset vector on the BSP, or a Linux
         // kernel entered directly. The ROM is mapped now, with the rest of guest memory,
-        // before the irqchip (see `create_irqchip`).
-        let kernel_entry = match (cfg.get("lpc.bootrom")?, cfg.get("boot.kernel")?) {
+        // before the irqchip (see `create_irqchip`); a kernel is copied into RAM once the
+        // vCPUs exist (its PVM command line carries their TSC frequency).
+        let kernel = match (cfg.get("lpc.bootrom")?, cfg.get("boot.kernel")?) {
             (Some(_), Some(_)) => {
                 return Err(VmError::Device(
                     "give either a boot ROM (-l bootrom) or a kernel (boot.kernel), not both"
@@ -149,19 +153,7 @@ impl Vm {
                 log::info!("boot ROM {rom} mapped at {rom_base:#x}");
                 None
             }
-            (None, Some(kernel)) => {
-                let initrd = cfg.get("boot.initrd")?;
-                let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
-                if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
-                    // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the
-                    // SMAP and SSSE3 paths (DESIGN.md §3). -o boot.pvm_cmdline=false drops it.
-                    cmdline.push_str(PVM_CMDLINE);
-                }
-                let entry = linux::load(&ram.mem, &layout, &kernel, initrd.as_deref(), &cmdline)?;
-                linux::write_boot_tables(&ram.mem, entry)?;
-                log::info!("kernel {kernel} loaded, entry {entry:?}");
-                Some(entry)
-            }
+            (None, Some(kernel)) => Some(kernel),
         };
         hypervisor::create_irqchip(&vm_fd, pvm)?;
 
@@ -171,6 +163,7 @@ impl Vm {
             mmio: Arc::new(Bus::new()),
             strictio: cfg.get_bool("x86.strictio", false)?,
             strictmsr: cfg.get_bool("x86.strictmsr", true)?,
+            profile: Self::profile(cfg, cpus)?,
         });
 
         // vCPUs: KVM wants them created before the guest runs; threads start later.
@@ -193,6 +186,38 @@ impl Vm {
             };
             vcpus.push(VcpuSpec { id, fd, cpuset });
         }
+
+        let kernel_entry = match kernel {
+            Some(kernel) => {
+                let initrd = cfg.get("boot.initrd")?;
+                let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
+                if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
+                    // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the
+                    // SMAP and SSSE3 paths (DESIGN.md §3). -o boot.pvm_cmdline=false drops it.
+                    cmdline.push_str(PVM_CMDLINE);
+                    // Linux calibrates the TSC against the PIT or the PM timer in loops that
+                    // emulation makes too slow to trust (it then falls back to the PM timer,
+                    // an exit per clock read); KVM knows the frequency.
+                    if let Some(khz) = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()) {
+                        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+                    }
+                }
+                // On PVM the bzImage's decompressor would run emulated for over a minute.
+                let unpack = cfg.get_bool("boot.unpack_bzimage", pvm)?;
+                let entry = linux::load(
+                    &ram.mem,
+                    &layout,
+                    &kernel,
+                    initrd.as_deref(),
+                    &cmdline,
+                    unpack,
+                )?;
+                linux::write_boot_tables(&ram.mem, entry)?;
+                log::info!("kernel {kernel} loaded, entry {entry:?}, command line {cmdline:?}");
+                Some(entry)
+            }
+            None => None,
+        };
 
         Self::init_platform(cfg, &vm_fd, &shared, &layout, cpus)?;
         let pm = Pm::new(vm_fd.clone(), shared.ctl.clone());
@@ -382,6 +407,28 @@ impl Vm {
         Ok(root)
     }
 
+    /// The profile `debug.exit_stats` and `debug.rip_samples` ask for, if any.
+    fn profile(cfg: &Config, cpus: u32) -> Result<Option<Arc<profile::Profile>>, VmError> {
+        let hz = match cfg.get("debug.rip_sample_hz")? {
+            Some(v) => u32::try_from(crate::config::parse_u64(&v).unwrap_or(0))
+                .ok()
+                .filter(|hz| (1..=10_000).contains(hz))
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "debug.rip_sample_hz".into(),
+                    msg: format!("'{v}' is not a rate from 1 to 10000 per second"),
+                })?,
+            None => 100,
+        };
+        let path = cfg.get("debug.rip_samples")?;
+        let p = profile::Profile::new(
+            cpus,
+            cfg.get_bool("debug.exit_stats", false)?,
+            path.as_deref().map(|p| (p, hz)),
+        )
+        .map_err(|e| VmError::Device(format!("debug.rip_samples: {e}")))?;
+        Ok(p.map(Arc::new))
+    }
+
     /// Guest RAM, for tests and tools that inspect the guest.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.ram.mem
@@ -399,6 +446,10 @@ impl Vm {
                 VmError::Thread(e)
             })?;
             self.threads.push(h);
+        }
+        if let Some(p) = &self.shared.profile {
+            p.start_sampler(self.shared.ctl.clone())
+                .map_err(VmError::Thread)?;
         }
         Ok(())
     }
@@ -429,6 +480,9 @@ impl Vm {
             let _ = t.join();
         }
         self.ram.sync();
+        if let Some(p) = &self.shared.profile {
+            eprint!("{}", p.finish());
+        }
         self.shared
             .ctl
             .suspend_reason()

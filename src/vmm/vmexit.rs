@@ -67,11 +67,13 @@ pub enum VmExit<'a> {
     SystemEvent {
         kind: u32,
     },
-    /// KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction's bytes.
+    /// KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction's bytes and the
+    /// code size (16, 32 or 64) to decode them with.
     InternalError {
         suberror: u32,
         insn: [u8; 15],
         len: usize,
+        bitness: u32,
     },
     /// An exit with no payload a handler needs (shutdown, interrupted, ...).
     Plain,
@@ -86,7 +88,7 @@ pub struct VcpuCtx<'a> {
 pub type VmExitHandler = fn(&VcpuCtx<'_>, &mut VmExit<'_>) -> VmExitAction;
 
 /// Size of the handler table: every KVM exit reason rhyve can name.
-const NR_EXIT_REASONS: usize = 40;
+pub const NR_EXIT_REASONS: usize = 40;
 
 /// The exit-handler table, indexed by KVM exit reason: the one place that says which handler
 /// serves which exit. A reason with `None` ends the VM with status 4.
@@ -318,14 +320,42 @@ fn vmexit_system_event(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
+/// Decodes the first instruction of `insn` (iced-x86) in a `bitness`-bit code segment; `None`
+/// when the bytes do not hold a whole valid instruction.
+pub fn decode_insn(insn: &[u8], bitness: u32) -> Option<iced_x86::Instruction> {
+    use iced_x86::{Decoder, DecoderOptions};
+    let mut d = Decoder::try_new(bitness, insn, DecoderOptions::NONE).ok()?;
+    let i = d.decode();
+    (!i.is_invalid()).then_some(i)
+}
+
+/// The instruction as an assembler would write it (AT&T syntax, as objdump shows Linux code).
+pub fn describe_insn(insn: &[u8], bitness: u32) -> String {
+    use iced_x86::{Formatter, GasFormatter};
+    let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+    match decode_insn(insn, bitness) {
+        Some(i) => {
+            let mut text = String::new();
+            GasFormatter::new().format(&i, &mut text);
+            format!("`{text}` ({})", bytes[..i.len().min(bytes.len())].join(" "))
+        }
+        None if insn.is_empty() => "no instruction bytes given by KVM".to_string(),
+        None => format!("undecodable bytes {}", bytes.join(" ")),
+    }
+}
+
 /// Decides how to finish an instruction KVM's emulator could not (only the few a stock Linux
-/// kernel needs on PVM hosts); anything else is unhandled.
-pub fn emulation_assist(insn: &[u8]) -> Option<Assist> {
-    match insn {
-        [0xcc, ..] => Some(Assist::Breakpoint(1)),
-        [0x9b, ..] => Some(Assist::Skip(1)),
-        [0x0f, 0x01, 0xca, ..] => Some(Assist::SetAc(false, 3)),
-        [0x0f, 0x01, 0xcb, ..] => Some(Assist::SetAc(true, 3)),
+/// kernel needs on PVM hosts; prefixes are allowed, as the CPU allows them); anything else is
+/// unhandled.
+pub fn emulation_assist(insn: &[u8], bitness: u32) -> Option<Assist> {
+    use iced_x86::Mnemonic;
+    let i = decode_insn(insn, bitness)?;
+    let len = u8::try_from(i.len()).ok()?;
+    match i.mnemonic() {
+        Mnemonic::Int3 => Some(Assist::Breakpoint(len)),
+        Mnemonic::Wait => Some(Assist::Skip(len)),
+        Mnemonic::Clac => Some(Assist::SetAc(false, len)),
+        Mnemonic::Stac => Some(Assist::SetAc(true, len)),
         _ => None,
     }
 }
@@ -336,6 +366,7 @@ fn vmexit_internal_error(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitActi
         suberror,
         insn,
         len,
+        bitness,
     } = exit
     else {
         return mismatched(ctx);
@@ -343,14 +374,22 @@ fn vmexit_internal_error(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitActi
     if *suberror != KVM_INTERNAL_ERROR_EMULATION {
         return VmExitAction::Unhandled;
     }
-    match emulation_assist(&insn[..*len]) {
+    let insn = &insn[..*len];
+    match emulation_assist(insn, *bitness) {
         Some(a) => {
             if rate_limited(&ASSISTS, 10_000) {
                 log::debug!("vcpu {}: emulation assist {a:?}", ctx.id);
             }
             VmExitAction::Assist(a)
         }
-        None => VmExitAction::Unhandled,
+        None => {
+            eprint!(
+                "rhyve: vcpu {}: KVM cannot emulate {} in {bitness}-bit code, nor can rhyve\r\n",
+                ctx.id,
+                describe_insn(insn, *bitness)
+            );
+            VmExitAction::Unhandled
+        }
     }
 }
 
@@ -390,7 +429,7 @@ fn vmexit_intr(_ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
 
 /// Decodes the exit in `run`. `run_size` is the size of the `kvm_run` mapping, which bounds
 /// the I/O data area the kernel points into.
-fn decode(run: &mut kvm_run, run_size: usize) -> VmExit<'_> {
+fn decode(run: &mut kvm_run, run_size: usize, bitness: u32) -> VmExit<'_> {
     match run.exit_reason {
         KVM_EXIT_IO => {
             // SAFETY: the exit reason says the `io` member of the union is the valid one.
@@ -470,6 +509,7 @@ fn decode(run: &mut kvm_run, run_size: usize) -> VmExit<'_> {
                 suberror: ef.suberror,
                 insn,
                 len,
+                bitness,
             }
         }
         _ => VmExit::Plain,
@@ -495,6 +535,16 @@ fn exit_detail(run: &kvm_run) -> String {
             format!(", hardware reason {:#x}", fe.hardware_entry_failure_reason)
         }
         _ => String::new(),
+    }
+}
+
+/// The code size of the vCPU's current code segment: 64 (long mode), 32 or 16.
+fn code_bitness(vcpu: &VcpuFd) -> u32 {
+    match vcpu.get_sregs() {
+        Ok(s) if s.cs.l != 0 => 64,
+        Ok(s) if s.cs.db != 0 => 32,
+        Ok(_) => 16,
+        Err(_) => 64,
     }
 }
 
@@ -535,6 +585,9 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
                 // Kicked (EINTR), or KVM asked for a retry.
                 libc::EINTR | libc::EAGAIN => {
                     vcpu.set_kvm_immediate_exit(0);
+                    if let Some(p) = &ctx.vm.profile {
+                        p.sample_if_requested(ctx.id, vcpu);
+                    }
                     continue;
                 }
                 _ => {
@@ -544,10 +597,19 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
                 }
             }
         }
+        let reason = vcpu.get_kvm_run().exit_reason;
+        if let Some(p) = &ctx.vm.profile {
+            p.count_exit(vcpu.get_kvm_run());
+        }
+        // Instruction bytes need the code size to decode; only emulation failures ask for it.
+        let bitness = if reason == KVM_EXIT_INTERNAL_ERROR {
+            code_bitness(vcpu)
+        } else {
+            64
+        };
         let run = vcpu.get_kvm_run();
-        let reason = run.exit_reason;
         let action = match VMEXIT_HANDLERS.get(reason as usize).copied().flatten() {
-            Some(handler) => handler(ctx, &mut decode(run, run_size)),
+            Some(handler) => handler(ctx, &mut decode(run, run_size, bitness)),
             None => VmExitAction::Unhandled,
         };
         match action {
@@ -555,6 +617,9 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
             VmExitAction::Suspend(r) => ctl.suspend(r),
             VmExitAction::Abort => ctl.suspend(SuspendReason::Error),
             VmExitAction::Assist(a) => {
+                if let Some(p) = &ctx.vm.profile {
+                    p.count_assist();
+                }
                 if let Err(e) = apply_assist(vcpu, a) {
                     eprint!("rhyve: vcpu {}: cannot apply {a:?}: {e}\r\n", ctx.id);
                     ctl.suspend(SuspendReason::Error);
@@ -581,25 +646,43 @@ mod tests {
 
     #[test]
     fn emulation_assists_cover_exactly_the_known_instructions() {
-        assert_eq!(emulation_assist(&[0xcc, 0x90]), Some(Assist::Breakpoint(1)));
-        assert_eq!(emulation_assist(&[0x9b]), Some(Assist::Skip(1)));
         assert_eq!(
-            emulation_assist(&[0x0f, 0x01, 0xca]),
+            emulation_assist(&[0xcc, 0x90], 64),
+            Some(Assist::Breakpoint(1))
+        );
+        assert_eq!(emulation_assist(&[0x9b], 64), Some(Assist::Skip(1)));
+        assert_eq!(emulation_assist(&[0x9b], 16), Some(Assist::Skip(1)));
+        assert_eq!(
+            emulation_assist(&[0x0f, 0x01, 0xca], 64),
             Some(Assist::SetAc(false, 3))
         );
         assert_eq!(
-            emulation_assist(&[0x0f, 0x01, 0xcb, 0xc3]),
+            emulation_assist(&[0x0f, 0x01, 0xcb, 0xc3], 32),
             Some(Assist::SetAc(true, 3))
         );
-        // iret, xrstor, lock cmpxchg16b, a truncated clac, nothing: not ours to emulate.
+        // A prefixed int3 is still int3, and its length counts the prefix.
+        assert_eq!(
+            emulation_assist(&[0x3e, 0xcc], 64),
+            Some(Assist::Breakpoint(2))
+        );
+        // iret, xrstor, lock cmpxchg16b, int 0x80, a truncated clac, nothing: not ours.
         for insn in [
             &[0xcf][..],
             &[0x48, 0x0f, 0xae, 0x2f],
             &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20],
+            &[0xcd, 0x80],
             &[0x0f, 0x01],
             &[],
         ] {
-            assert_eq!(emulation_assist(insn), None, "{insn:x?}");
+            assert_eq!(emulation_assist(insn, 64), None, "{insn:x?}");
         }
+    }
+
+    #[test]
+    fn undecodable_or_unemulated_instructions_are_described_for_the_user() {
+        assert_eq!(describe_insn(&[0xcf], 32), "`iret` (cf)");
+        assert_eq!(describe_insn(&[0x48, 0xcf, 0x90], 64), "`iretq` (48 cf)");
+        assert_eq!(describe_insn(&[0x0f, 0x01], 64), "undecodable bytes 0f 01");
+        assert_eq!(describe_insn(&[], 64), "no instruction bytes given by KVM");
     }
 }

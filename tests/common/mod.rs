@@ -150,3 +150,69 @@ pub fn value(out: &str, label: &str) -> u32 {
     u32::from_str_radix(line[label.len()..].trim(), 16)
         .unwrap_or_else(|_| panic!("bad line {line}"))
 }
+
+/// A network namespace this test owns; removed on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("rhyve-{tag}-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip (iproute2)");
+        assert!(
+            st.success(),
+            "cannot create network namespace {name} (needs root)"
+        );
+        Netns(name)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+}
+
+impl Netns {
+    /// `rhyve ARGS` run inside this namespace, with stdout and stderr piped.
+    pub fn spawn_rhyve(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_rhyve")])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run rhyve in the namespace")
+    }
+
+    /// Waits (up to `limit`) for `tap` to appear in the namespace (rhyve creates it), then
+    /// gives it `addr` (CIDR) and brings it up: the host's end of the guest's link.
+    pub fn configure_tap(&self, tap: &str, addr: &str, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.exec(&["ip", "link", "show", tap]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "{tap} never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(self
+            .exec(&["ip", "addr", "add", addr, "dev", tap])
+            .status
+            .success());
+        assert!(self
+            .exec(&["ip", "link", "set", tap, "up"])
+            .status
+            .success());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Where a stock Linux boot's time goes on this host, and how it compares with QEMU.
+
+Boots the Debian test guest (scripts/build-debian-guest.sh: Debian's cloud kernel, a busybox
+initramfs, a virtio-blk disk, virtio-rnd) to its /init's poweroff, and reports
+  - wall-clock time from exec to milestones: first console line, both CPUs up, PCI root,
+    "Run /init", the guest's own "init running", poweroff;
+  - VM exits by kind (rhyve's -o debug.exit_stats=true);
+  - where the vCPUs were, from RIPs sampled at 100 Hz (-o debug.rip_samples): the
+    decompressor (code below the kernel map), kernel functions (symbols from the Debian
+    -dbg package's vmlinux when --symbols fetched it; the kernel runs with nokaslr), user
+    space, halted;
+  - the same kernel, initramfs and command line under QEMU (-accel tcg; with --qemu-kvm also
+    -accel kvm), to the same milestones.
+Run from the repository root after `cargo build --release`:
+    python3 bench/linux-boot-profile.py [--symbols] [--no-unpack] [--qemu-kvm] [--no-qemu]
+--no-unpack boots the bzImage through its own decompressor (boot.unpack_bzimage=false) instead
+of rhyve unpacking its kernel ELF for the PVH entry (PVM's default).
+"""
+import bisect, collections, os, shutil, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CMDLINE = ("console=ttyS0 vdso32=0 nokaslr mitigations=off nowatchdog no-kvmclock rodata=off "
+           "cryptomgr.notests init_on_alloc=0 panic=1 rhyve.end=poweroff")
+MARKS = [("first console line", "Linux version"), ("2 CPUs up", "smp: Brought up"),
+         ("PCI root bridge", "PCI Root Bridge"), ("Run /init", "Run /init as init process"),
+         ("init killed (PVM defect)", "Attempted to kill init"),
+         ("/init running", "rhyve-guest: init running"), ("virtio modules loaded", "rhyve-guest: modules loaded"),
+         ("poweroff", "rhyve-guest: end:")]
+
+
+def run_timed(cmd, deadline=1800):
+    """Runs cmd, returns ({mark: seconds}, console lines, exit code, stderr text)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    seen, lines = {}, []
+    for raw in p.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        lines.append(line)
+        for name, m in MARKS:
+            if m in line and name not in seen:
+                seen[name] = time.monotonic() - t0
+                print(f"  {seen[name]:7.1f} s  {name}", flush=True)
+        if time.monotonic() - t0 > deadline:
+            p.kill()
+            break
+    err = p.stderr.read().decode(errors="replace")
+    code = p.wait()
+    seen["exit"] = time.monotonic() - t0
+    return seen, lines, code, err
+
+
+def symbols():
+    """Kernel text symbols (address, name) from the -dbg package's vmlinux, or None."""
+    vmlinux = os.path.join(ROOT, ".cache/linux-dbg/vmlinux")
+    if not os.path.exists(vmlinux):
+        return None
+    syms = []
+    for l in subprocess.check_output(["nm", "-n", vmlinux]).decode().splitlines():
+        parts = l.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.append((int(parts[0], 16), parts[2]))
+    return syms
+
+
+def fetch_symbols():
+    """Downloads linux-image-<version>-dbg (about 280 MB) and keeps only its vmlinux."""
+    dest = os.path.join(ROOT, ".cache/linux-dbg")
+    if os.path.exists(os.path.join(dest, "vmlinux")):
+        return
+    kernel = subprocess.check_output([os.path.join(ROOT, "scripts/fetch-linux.sh")]).decode().strip()
+    ver = os.path.basename(kernel)[len("vmlinuz-"):]
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        subprocess.check_call(["apt-get", "download", f"linux-image-{ver}-dbg"], cwd=tmp)
+        deb = [f for f in os.listdir(tmp) if f.endswith(".deb")][0]
+        member = f"./usr/lib/debug/boot/vmlinux-{ver}"
+        subprocess.check_call(f"dpkg-deb --fsys-tarfile {deb} | tar -x {member}", shell=True, cwd=tmp)
+        shutil.move(os.path.join(tmp, member), os.path.join(dest, "vmlinux"))
+
+
+def where(samples, syms, marks):
+    """Prints the share of samples per place, overall and per boot phase."""
+    addrs = [a for a, _ in syms] if syms else []
+
+    def place(cpl, rip, state):
+        if state == "H":
+            return "(halted, waiting for an interrupt)"
+        if state == "W":
+            return "(AP waiting for INIT/SIPI)"
+        if cpl == 3:
+            return "(user space)"
+        if rip < 0xffffffff80000000:
+            return "(decompressor / code below the kernel map)"
+        if not syms:
+            return "(kernel)"
+        i = bisect.bisect_right(addrs, rip) - 1
+        return syms[i][1] if i >= 0 else "(kernel, no symbol)"
+
+    phases = [("exec to console", 0, marks.get("first console line", 1e9))]
+    prev = marks.get("first console line", 1e9)
+    for name in ["Run /init", "exit"]:
+        if name in marks:
+            phases.append((f"to {name}", prev, marks[name]))
+            prev = marks[name]
+    for title, lo, hi in [("whole run", 0, 1e9)] + phases:
+        c = collections.Counter(place(cpl, rip, h) for t, cpl, rip, h in samples if lo <= t < hi)
+        total = sum(c.values())
+        if not total:
+            continue
+        print(f"\n  where the vCPUs were, {title} ({lo:.0f}-{min(hi, marks['exit']):.0f} s, {total} samples):")
+        for name, n in c.most_common(15):
+            print(f"    {100.0 * n / total:5.1f}%  {name}")
+
+
+def main():
+    args = sys.argv[1:]
+    os.chdir(ROOT)
+    guest = subprocess.check_output(["scripts/build-debian-guest.sh"]).decode().strip()
+    if "--symbols" in args:
+        fetch_symbols()
+    syms = symbols()
+    tmp = tempfile.mkdtemp()
+    disk = os.path.join(tmp, "disk.ext4")
+    shutil.copy(os.path.join(guest, "disk.ext4"), disk)
+    samples_path = os.path.join(tmp, "samples")
+    how = "the bzImage's decompressor" if "--no-unpack" in args else "kernel ELF unpacked by rhyve, PVH entry"
+    print(f"rhyve (KVM, this host's PVM), -c 2 -m 512M, virtio-blk + virtio-rnd, {how}:")
+    marks, lines, code, err = run_timed([
+        "target/release/rhyve", "-c", "2", "-m", "512M", "-l", "com1,stdio",
+        "-s", f"2,virtio-blk,{disk}", "-s", "3,virtio-rnd",
+        "-o", f"boot.kernel={guest}/vmlinuz", "-o", f"boot.initrd={guest}/initrd.img",
+        "-o", f"boot.cmdline={CMDLINE}", "-o", "debug.exit_stats=true",
+        "-o", "boot.unpack_bzimage=" + ("false" if "--no-unpack" in args else "true"),
+        "-o", f"debug.rip_samples={samples_path}", "linux"])
+    print(f"  {marks['exit']:7.1f} s  exit status {code}")
+    print("\n" + "\n".join("  " + l for l in err.replace("\r", "").splitlines()))
+    samples = []
+    for l in open(samples_path):
+        if not l.startswith("#"):
+            t, vcpu, cpl, rip, h = l.split()
+            samples.append((float(t), int(cpl), int(rip, 16), h))
+    where(samples, syms, marks)
+    if "--no-qemu" in args:
+        return
+    accels = ["tcg"] + (["kvm"] if "--qemu-kvm" in args else [])
+    for accel in accels:
+        shutil.copy(os.path.join(guest, "disk.ext4"), disk)
+        print(f"\nQEMU {accel} (same kernel, initramfs, command line; -smp 2 -m 512M, virtio-blk + virtio-rng):")
+        qm, _, qcode, qerr = run_timed([
+            "qemu-system-x86_64", "-accel", accel, "-M", "q35", "-smp", "2", "-m", "512M",
+            "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-kernel", f"{guest}/vmlinuz", "-initrd", f"{guest}/initrd.img", "-append", CMDLINE,
+            "-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
+            "-device", "virtio-rng-pci", "-nic", "none"])
+        print(f"  {qm['exit']:7.1f} s  exit status {qcode} {qerr.strip()[:200]}")
+        for name, _ in MARKS:
+            if name in marks and name in qm:
+                print(f"    {name:24s} rhyve {marks[name]:7.1f} s   qemu-{accel} {qm[name]:7.1f} s   ratio {marks[name] / qm[name]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
