@@ -116,7 +116,7 @@ def where(samples, syms, marks):
 def main():
     args = sys.argv[1:]
     os.chdir(ROOT)
-    guest = subprocess.check_output(["scripts/build-debian-guest.sh"]).decode().strip()
+    guest = subprocess.check_output(["scripts/build-debian-guest.sh"]).decode().strip().splitlines()[-1]
     if "--symbols" in args:
         fetch_symbols()
     syms = symbols()

@@ -157,7 +157,7 @@ cat "$work/rootfs.cpio" "$work/console.cpio" >"$out/initrd.img"
 
 mkdir -p "$work/disk"
 echo "hello from the host's ext4 image" >"$work/disk/hello.txt"
-mkfs.ext4 -q -F -L rhyve-test -d "$work/disk" "$out/disk.ext4" 16M
+mkfs.ext4 -q -F -L rhyve-test -d "$work/disk" "$out/disk.ext4" 16M >&2
 
 cp "$kernel" "$out/vmlinuz"
 rm -rf "$work"

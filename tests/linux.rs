@@ -53,7 +53,9 @@ fn guest() -> PathBuf {
         "cannot build the Debian test guest: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    // The script's last line is the directory.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
 }
 
 /// Reads the console until rhyve exits (or `BOOT_LIMIT`), echoing each line with its time
