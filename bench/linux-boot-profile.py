@@ -17,7 +17,7 @@ Run from the repository root after `cargo build --release`:
 --no-unpack boots the bzImage through its own decompressor (boot.unpack_bzimage=false) instead
 of rhyve unpacking its kernel ELF for the PVH entry (PVM's default).
 """
-import bisect, collections, os, shutil, subprocess, sys, tempfile, time
+import bisect, collections, os, shutil, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMDLINE = ("console=ttyS0 vdso32=0 nokaslr mitigations=off nowatchdog no-kvmclock rodata=off "
@@ -26,28 +26,31 @@ MARKS = [("first console line", "Linux version"), ("2 CPUs up", "smp: Brought up
          ("PCI root bridge", "PCI Root Bridge"), ("Run /init", "Run /init as init process"),
          ("init killed (PVM defect)", "Attempted to kill init"),
          ("/init running", "rhyve-guest: init running"), ("virtio modules loaded", "rhyve-guest: modules loaded"),
-         ("poweroff", "rhyve-guest: end:")]
+         ("poweroff", "rhyve-guest: end:"),
+         ("KVM emulation failure (QEMU stops)", "KVM internal error")]
 
 
 def run_timed(cmd, deadline=1800):
-    """Runs cmd, returns ({mark: seconds}, console lines, exit code, stderr text)."""
+    """Runs cmd (killed after `deadline` s), returns ({mark: seconds}, output lines, exit code,
+    diagnostics: the lines that are not the guest's console, e.g. rhyve's or QEMU's own)."""
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    seen, lines = {}, []
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    timer = threading.Timer(deadline, p.kill)
+    timer.start()
+    seen, lines, diag = {}, [], []
     for raw in p.stdout:
         line = raw.decode(errors="replace").rstrip()
         lines.append(line)
+        if line.startswith(("rhyve:", "  ", "qemu", "KVM", "emulation failure", "Code=")) and "[" not in line[:12]:
+            diag.append(line)
         for name, m in MARKS:
             if m in line and name not in seen:
                 seen[name] = time.monotonic() - t0
                 print(f"  {seen[name]:7.1f} s  {name}", flush=True)
-        if time.monotonic() - t0 > deadline:
-            p.kill()
-            break
-    err = p.stderr.read().decode(errors="replace")
     code = p.wait()
+    timer.cancel()
     seen["exit"] = time.monotonic() - t0
-    return seen, lines, code, err
+    return seen, lines, code, "\n".join(diag)
 
 
 def symbols():
@@ -77,6 +80,39 @@ def fetch_symbols():
         member = f"./usr/lib/debug/boot/vmlinux-{ver}"
         subprocess.check_call(f"dpkg-deb --fsys-tarfile {deb} | tar -x {member}", shell=True, cwd=tmp)
         shutil.move(os.path.join(tmp, member), os.path.join(dest, "vmlinux"))
+
+
+# Kernel functions grouped by what the boot was doing (first match wins).
+GROUPS = [
+    ("timer tick and scheduler", ("tick", "hrtimer", "timekeeping", "ktime_get", "sched_clock", "update_load_avg",
+                                  "update_curr", "load_balance", "update_sd_lb", "update_blocked", "rcu_sched_clock",
+                                  "update_vsyscall", "update_fast_timekeeper", "account_", "clockevents", "lapic_next",
+                                  "update_rq_clock", "psi_", "update_process_times", "__sysvec_apic_timer",
+                                  "native_apic_msr", "x2apic", "run_timer", "__run_timers", "irqtime", "cpuacct",
+                                  "task_tick", "update_min_vruntime", "reweight", "__calc_delta")),
+    ("ftrace start-up (symbol lookups, code checks)", ("get_symbol", "kallsyms", "ftrace", "test_for_valid_rec",
+                                                       "arch_syscall_match", "syscall_match", "find_syscall")),
+    ("trace events set-up", ("trace_event", "trace_define", "event_", "eval_")),
+    ("BTF parsing", ("btf",)),
+    ("alternatives, jump labels, ORC, text patching", ("text_poke", "apply_", "insn_", "jump_label", "orc", "sort_r",
+                                                      "do_swap", "optimize_nops", "alternative")),
+    ("memory copy and initialisation", ("memmove", "memcpy", "memset", "clear_page", "clear_bss", "memmap_init",
+                                        "__init_single_page", "memblock", "copy_page", "deferred_init")),
+    ("stop_machine / cross-CPU waits", ("multi_cpu_stop", "stop_machine", "rcu_momentary", "smp_call_function",
+                                         "csd_lock", "native_queued_spin", "pv_queued_spin", "_raw_spin")),
+    ("udelay/mdelay loops", ("delay_tsc", "__const_udelay", "__udelay", "delay_loop")),
+    ("serial console output", ("serial8250", "io_serial", "uart_console", "wait_for_xmitr", "vprintk", "vsnprintf",
+                               "console_", "format_decode", "number", "string", "symbol_string")),
+]
+
+
+def group_of(name):
+    if name.startswith("("):
+        return name
+    for title, keys in GROUPS:
+        if any(k in name for k in keys):
+            return title
+    return "other kernel code"
 
 
 def where(samples, syms, marks):
@@ -109,7 +145,14 @@ def where(samples, syms, marks):
         if not total:
             continue
         print(f"\n  where the vCPUs were, {title} ({lo:.0f}-{min(hi, marks['exit']):.0f} s, {total} samples):")
-        for name, n in c.most_common(15):
+        if syms:
+            groups = collections.Counter()
+            for name, n in c.items():
+                groups[group_of(name)] += n
+            for name, n in groups.most_common():
+                print(f"    {100.0 * n / total:5.1f}%  {name}")
+            print("    top functions:")
+        for name, n in c.most_common(12):
             print(f"    {100.0 * n / total:5.1f}%  {name}")
 
 
@@ -147,13 +190,15 @@ def main():
     for accel in accels:
         shutil.copy(os.path.join(guest, "disk.ext4"), disk)
         print(f"\nQEMU {accel} (same kernel, initramfs, command line; -smp 2 -m 512M, virtio-blk + virtio-rng):")
-        qm, _, qcode, qerr = run_timed([
+        # QEMU pauses the VM on a KVM emulation failure and waits: give it 5 minutes.
+        qm, _, qcode, qerr = run_timed(deadline=300, cmd=[
             "qemu-system-x86_64", "-accel", accel, "-M", "q35", "-smp", "2", "-m", "512M",
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
             "-kernel", f"{guest}/vmlinuz", "-initrd", f"{guest}/initrd.img", "-append", CMDLINE,
             "-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
             "-device", "virtio-rng-pci", "-nic", "none"])
-        print(f"  {qm['exit']:7.1f} s  exit status {qcode} {qerr.strip()[:200]}")
+        print(f"  {qm['exit']:7.1f} s  exit status {qcode}")
+        print("\n".join("    " + l for l in qerr.splitlines()[:12]))
         for name, _ in MARKS:
             if name in marks and name in qm:
                 print(f"    {name:24s} rhyve {marks[name]:7.1f} s   qemu-{accel} {qm[name]:7.1f} s   ratio {marks[name] / qm[name]:.2f}")

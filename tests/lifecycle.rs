@@ -228,3 +228,59 @@ fn the_terminal_is_restored_on_reset_error_and_signal_exits() {
         }
     }
 }
+
+#[test]
+fn exit_stats_and_rip_samples_show_where_a_guest_spins() {
+    require_kvm();
+    let samples = std::env::temp_dir().join(format!("rhyve-samples-{}", std::process::id()));
+    let bootrom = format!("bootrom,{}", rom("spin"));
+    let to = format!("debug.rip_samples={}", samples.display());
+    let child = spawn(&[
+        "-c",
+        "2",
+        "-o",
+        "debug.exit_stats=true",
+        "-o",
+        &to,
+        "-o",
+        "debug.rip_sample_hz=200",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "vm",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait_with_deadline(child, Duration::from_secs(20));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    // The exit table: the greeting's bytes went out through COM1's data port.
+    for want in ["rhyve: VM exits by kind", "KVM_EXIT_IO", "I/O port 0x03f8"] {
+        assert!(r.stderr.contains(want), "no {want:?} in {}", r.stderr);
+    }
+    // The samples: vCPU 0 spins in its two-instruction loop at CPL0; vCPU 1, an AP nobody
+    // started, waits for INIT/SIPI.
+    let text = std::fs::read_to_string(&samples).expect("samples file");
+    let _ = std::fs::remove_file(&samples);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(rows.iter().all(|r| r.len() == 5), "{text}");
+    let main = rom_symbol("spin", "main");
+    let rip = |r: &Vec<&str>| u64::from_str_radix(r[3].trim_start_matches("0x"), 16).unwrap();
+    let v0: Vec<_> = rows.iter().filter(|r| r[1] == "0").collect();
+    let v1: Vec<_> = rows.iter().filter(|r| r[1] == "1").collect();
+    assert!(v0.len() >= 50 && v1.len() >= 50, "200 Hz for 2 s: {text}");
+    let spinning = v0
+        .iter()
+        .filter(|r| r[2] == "0" && r[4] == "R" && (main..main + 0x100).contains(&rip(r)))
+        .count();
+    assert!(
+        spinning * 10 >= v0.len() * 9,
+        "vCPU 0 samples outside its loop at {main:#x}: {text}"
+    );
+    assert!(v1.iter().all(|r| r[4] == "W"), "{text}");
+}
