@@ -140,11 +140,13 @@ def where(samples, syms, marks):
             phases.append((f"to {name}", prev, marks[name]))
             prev = marks[name]
     for title, lo, hi in [("whole run", 0, 1e9)] + phases:
-        c = collections.Counter(place(cpl, rip, h) for t, cpl, rip, h in samples if lo <= t < hi)
+        # The BSP (vCPU 0) does the kernel's initialisation; the AP mostly idles.
+        c = collections.Counter(place(cpl, rip, h) for t, v, cpl, rip, h in samples if lo <= t < hi and v == 0)
+        ap = collections.Counter(place(cpl, rip, h) for t, v, cpl, rip, h in samples if lo <= t < hi and v == 1)
         total = sum(c.values())
         if not total:
             continue
-        print(f"\n  where the vCPUs were, {title} ({lo:.0f}-{min(hi, marks['exit']):.0f} s, {total} samples):")
+        print(f"\n  where vCPU 0 was, {title} ({lo:.0f}-{min(hi, marks['exit']):.0f} s, {total} samples at 100 Hz):")
         if syms:
             groups = collections.Counter()
             for name, n in c.items():
@@ -154,6 +156,9 @@ def where(samples, syms, marks):
             print("    top functions:")
         for name, n in c.most_common(12):
             print(f"    {100.0 * n / total:5.1f}%  {name}")
+        if ap:
+            idle = sum(n for name, n in ap.items() if name.startswith("(halted") or name.startswith("(AP"))
+            print(f"    (vCPU 1 meanwhile: {100.0 * idle / sum(ap.values()):.0f}% halted or waiting for SIPI)")
 
 
 def main():
@@ -182,7 +187,7 @@ def main():
     for l in open(samples_path):
         if not l.startswith("#"):
             t, vcpu, cpl, rip, h = l.split()
-            samples.append((float(t), int(cpl), int(rip, 16), h))
+            samples.append((float(t), int(vcpu), int(cpl), int(rip, 16), h))
     where(samples, syms, marks)
     if "--no-qemu" in args:
         return

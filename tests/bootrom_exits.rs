@@ -374,3 +374,14 @@ fn the_guest_sees_the_topology_asked_for() {
         );
     }
 }
+
+#[test]
+fn apic_base_reads_the_lapic_enabled_bsp_and_follows_the_switch_to_x2apic() {
+    // On PVM hosts the guest's own read of IA32_APIC_BASE gives 0; rhyve filters the read and
+    // answers with KVM's value, so it must also show the x2APIC mode bit the guest set.
+    let r = run_rom("apicbase", &[]);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(value(&r.stdout, "apic base at reset: "), 0xfee0_0900);
+    assert_eq!(value(&r.stdout, "apic base in x2apic mode: "), 0xfee0_0d00);
+    assert_eq!(value(&r.stdout, "x2apic id: "), 0);
+}

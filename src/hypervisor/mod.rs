@@ -170,3 +170,16 @@ pub fn create_vcpu(vm: &VmFd, id: u32, cpuid: &kvm_bindings::CpuId) -> Result<Vc
     vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     Ok(vcpu)
 }
+
+/// A vCPU's MSR as KVM holds it (KVM_GET_MSRS), if KVM answers.
+pub fn get_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice().first().map(|e| e.data),
+        _ => None,
+    }
+}

@@ -58,6 +58,8 @@ pub enum VmExit<'a> {
         index: u32,
         data: &'a mut u64,
         error: &'a mut u8,
+        /// For IA32_APIC_BASE (filtered on PVM hosts), KVM's own value of it.
+        kvm_value: Option<u64>,
     },
     Wrmsr {
         index: u32,
@@ -247,15 +249,24 @@ fn vmexit_mmio(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
 /// Only MSRs KVM does not implement come here (KVM_MSR_EXIT_REASON_UNKNOWN).
 fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     static LOGGED: AtomicU64 = AtomicU64::new(0);
-    let VmExit::Rdmsr { index, data, error } = exit else {
+    let VmExit::Rdmsr {
+        index,
+        data,
+        error,
+        kvm_value,
+    } = exit
+    else {
         return mismatched(ctx);
     };
     if *index == crate::hypervisor::MSR_APIC_BASE {
-        // Filtered on PVM hosts (see create_irqchip): the default LAPIC address, enabled,
-        // with the BSP flag on vCPU 0.
+        // Filtered on PVM hosts (see create_irqchip), whose guest read gives 0: KVM's own
+        // value (x2APIC mode included once the guest sets it), or if KVM will not say, the
+        // reset value: the default LAPIC address, enabled, with the BSP flag on vCPU 0.
         const ENABLE: u64 = 1 << 11;
         const BSP: u64 = 1 << 8;
-        **data = crate::hypervisor::memory::LAPIC_BASE | ENABLE | if ctx.id == 0 { BSP } else { 0 };
+        **data = kvm_value.unwrap_or(
+            crate::hypervisor::memory::LAPIC_BASE | ENABLE | if ctx.id == 0 { BSP } else { 0 },
+        );
         **error = 0;
         return VmExitAction::Continue;
     }
@@ -429,7 +440,7 @@ fn vmexit_intr(_ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
 
 /// Decodes the exit in `run`. `run_size` is the size of the `kvm_run` mapping, which bounds
 /// the I/O data area the kernel points into.
-fn decode(run: &mut kvm_run, run_size: usize, bitness: u32) -> VmExit<'_> {
+fn decode(run: &mut kvm_run, run_size: usize, bitness: u32, msr_value: Option<u64>) -> VmExit<'_> {
     match run.exit_reason {
         KVM_EXIT_IO => {
             // SAFETY: the exit reason says the `io` member of the union is the valid one.
@@ -469,6 +480,7 @@ fn decode(run: &mut kvm_run, run_size: usize, bitness: u32) -> VmExit<'_> {
                 index: msr.index,
                 data: &mut msr.data,
                 error: &mut msr.error,
+                kvm_value: msr_value,
             }
         }
         KVM_EXIT_X86_WRMSR => {
@@ -607,9 +619,19 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
         } else {
             64
         };
+        // A filtered IA32_APIC_BASE read is answered from KVM's own copy.
+        let msr_value = if reason == KVM_EXIT_X86_RDMSR {
+            // SAFETY: the exit reason says the `msr` member of the union is the valid one.
+            let index = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.msr.index };
+            (index == crate::hypervisor::MSR_APIC_BASE)
+                .then(|| crate::hypervisor::get_msr(vcpu, index))
+                .flatten()
+        } else {
+            None
+        };
         let run = vcpu.get_kvm_run();
         let action = match VMEXIT_HANDLERS.get(reason as usize).copied().flatten() {
-            Some(handler) => handler(ctx, &mut decode(run, run_size, bitness)),
+            Some(handler) => handler(ctx, &mut decode(run, run_size, bitness, msr_value)),
             None => VmExitAction::Unhandled,
         };
         match action {
