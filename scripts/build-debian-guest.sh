@@ -41,23 +41,25 @@ rm -rf "$out" && mkdir -p "$out/work"
 work=$out/work
 
 # i386 busybox-static, downloaded with a private apt state so the host's dpkg architectures
-# are left alone.
+# are left alone; the amd64 build too, at /bin64, to show what 64-bit user space does (boot
+# with rdinit=/bin64/sh).
 apt_i386=(-o APT::Architecture=i386 -o APT::Architectures::=i386 -o "Dir::State::Lists=$root/$work/apt/lists"
           -o "Dir::Cache=$root/$work/apt/cache" -o Dir::State::status=/dev/null)
 mkdir -p "$work/apt/lists/partial" "$work/apt/cache/archives/partial"
 # A mirror mid-sync can fail one index (e.g. the security suite's); the package is in the others.
 apt-get "${apt_i386[@]}" update -qq >"$work/apt-update.log" 2>&1 || true
-(cd "$work" && apt-get "${apt_i386[@]}" download busybox-static:i386 >/dev/null 2>"apt-download.log") || {
-    echo "build-debian-guest: cannot download busybox-static:i386 (see $work/apt-download.log)" >&2
-    exit 1
+# busybox ARCH DEST [apt options]: download busybox-static for ARCH and unpack it into DEST.
+busybox() {
+    local arch=$1 dest=$2
+    shift 2
+    (cd "$work" && apt-get "$@" download "busybox-static:$arch" >/dev/null 2>>"apt-download.log") || {
+        echo "build-debian-guest: cannot download busybox-static:$arch (see $work/apt-download.log)" >&2
+        exit 1
+    }
+    dpkg-deb -x "$work"/busybox-static_*_"$arch".deb "$dest"
 }
-dpkg-deb -x "$work"/busybox-static_*_i386.deb "$work/bb"
-# The amd64 build too, at /bin64, to show what 64-bit user space does (boot with rdinit=/bin64/sh).
-(cd "$work" && apt-get download busybox-static >/dev/null 2>>"apt-download.log") || {
-    echo "build-debian-guest: cannot download busybox-static (see $work/apt-download.log)" >&2
-    exit 1
-}
-dpkg-deb -x "$work"/busybox-static_*_amd64.deb "$work/bb64"
+busybox i386 "$work/bb" "${apt_i386[@]}"
+busybox amd64 "$work/bb64"
 
 rootfs=$work/rootfs
 mkdir -p "$rootfs"/{bin,bin64,dev,proc,sys,mnt,lib/modules}

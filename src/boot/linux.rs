@@ -122,41 +122,16 @@ pub fn load(
     let mut is_elf = kind(&mut file)
         .map_err(|e| kerr(e.to_string()))?
         .ok_or_else(|| kerr("is neither an ELF vmlinux nor a bzImage".into()))?;
-    let mut res: Option<KernelLoaderResult> = None;
-    if !is_elf && unpack_bzimage {
-        // The ELF inside, entered through its PVH note: no decompressor runs in the guest.
-        let mut image = Vec::new();
-        file.read_to_end(&mut image)
-            .map_err(|e| kerr(e.to_string()))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| kerr(e.to_string()))?;
-        match super::bzimage::unpack(&image).map_err(|e| kerr(format!("cannot unpack: {e}")))? {
-            Some(elf) => {
-                let r = Elf::load(
-                    mem,
-                    None,
-                    &mut std::io::Cursor::new(&elf),
-                    Some(GuestAddress(KERNEL_START)),
-                )
-                .map_err(|e| kerr(format!("cannot load its unpacked ELF: {e}")))?;
-                if let PvhBootCapability::PvhEntryPresent(_) = r.pvh_boot_cap {
-                    log::info!(
-                        "{kernel}: unpacked its {} MiB kernel ELF; entering it through PVH",
-                        elf.len() >> 20
-                    );
-                    is_elf = true;
-                    res = Some(r);
-                } else {
-                    log::info!("{kernel}: its kernel ELF has no PVH note; booting the bzImage");
-                }
-            }
-            None => log::info!(
-                "{kernel}: payload compressor not unpacked by rhyve; booting the bzImage"
-            ),
+    let unpacked = if !is_elf && unpack_bzimage {
+        load_unpacked(mem, kernel, &mut file)?
+    } else {
+        None
+    };
+    let res: KernelLoaderResult = match unpacked {
+        Some(r) => {
+            is_elf = true;
+            r
         }
-    }
-    let res: KernelLoaderResult = match res {
-        Some(r) => r,
         None if is_elf => Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
             .map_err(|e| kerr(format!("cannot load it: {e}")))?,
         None => BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
@@ -255,6 +230,44 @@ pub fn load(
         res.kernel_load.raw_value() + 0x200
     };
     Ok(Entry::Linux64 { rip })
+}
+
+/// Loads the kernel ELF inside the bzImage `file` when rhyve can unpack it and it has a PVH
+/// note (then no decompressor runs in the guest); `None` leaves the bzImage to boot as one.
+/// `file` is left at its start.
+fn load_unpacked(
+    mem: &GuestMemoryMmap,
+    kernel: &str,
+    file: &mut File,
+) -> Result<Option<KernelLoaderResult>, BootError> {
+    let kerr = kernel_err(kernel);
+    let mut image = Vec::new();
+    file.read_to_end(&mut image)
+        .and_then(|_| file.seek(SeekFrom::Start(0)))
+        .map_err(|e| kerr(e.to_string()))?;
+    let Some(elf) =
+        super::bzimage::unpack(&image).map_err(|e| kerr(format!("cannot unpack: {e}")))?
+    else {
+        log::info!("{kernel}: payload compressor not unpacked by rhyve; booting the bzImage");
+        return Ok(None);
+    };
+    let r = Elf::load(
+        mem,
+        None,
+        &mut std::io::Cursor::new(&elf),
+        Some(GuestAddress(KERNEL_START)),
+    )
+    .map_err(|e| kerr(format!("cannot load its unpacked ELF: {e}")))?;
+    if let PvhBootCapability::PvhEntryPresent(_) = r.pvh_boot_cap {
+        log::info!(
+            "{kernel}: unpacked its {} MiB kernel ELF; entering it through PVH",
+            elf.len() >> 20
+        );
+        Ok(Some(r))
+    } else {
+        log::info!("{kernel}: its kernel ELF has no PVH note; booting the bzImage");
+        Ok(None)
+    }
 }
 
 fn write_pvh(

@@ -141,7 +141,7 @@ impl Profile {
         let Some(hz) = self.samples.as_ref().map(|s| s.hz) else {
             return Ok(());
         };
-        let period = Duration::from_secs(1) / hz.max(1);
+        let period = Duration::from_secs(1) / hz;
         let me = self.clone();
         std::thread::Builder::new()
             .name("rip sampler".into())

@@ -440,7 +440,7 @@ fn vmexit_intr(_ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
 
 /// Decodes the exit in `run`. `run_size` is the size of the `kvm_run` mapping, which bounds
 /// the I/O data area the kernel points into.
-fn decode(run: &mut kvm_run, run_size: usize, bitness: u32, msr_value: Option<u64>) -> VmExit<'_> {
+fn decode(run: &mut kvm_run, run_size: usize, extras: ExitExtras) -> VmExit<'_> {
     match run.exit_reason {
         KVM_EXIT_IO => {
             // SAFETY: the exit reason says the `io` member of the union is the valid one.
@@ -480,7 +480,7 @@ fn decode(run: &mut kvm_run, run_size: usize, bitness: u32, msr_value: Option<u6
                 index: msr.index,
                 data: &mut msr.data,
                 error: &mut msr.error,
-                kvm_value: msr_value,
+                kvm_value: extras.msr_value,
             }
         }
         KVM_EXIT_X86_WRMSR => {
@@ -521,7 +521,7 @@ fn decode(run: &mut kvm_run, run_size: usize, bitness: u32, msr_value: Option<u6
                 suberror: ef.suberror,
                 insn,
                 len,
-                bitness,
+                bitness: extras.bitness,
             }
         }
         _ => VmExit::Plain,
@@ -550,14 +550,36 @@ fn exit_detail(run: &kvm_run) -> String {
     }
 }
 
-/// The code size of the vCPU's current code segment: 64 (long mode), 32 or 16.
-fn code_bitness(vcpu: &VcpuFd) -> u32 {
-    match vcpu.get_sregs() {
-        Ok(s) if s.cs.l != 0 => 64,
-        Ok(s) if s.cs.db != 0 => 32,
-        Ok(_) => 16,
-        Err(_) => 64,
-    }
+/// What a handler needs from the vCPU beyond `kvm_run`. Fetched before the exit is decoded
+/// (the decoded exit borrows `kvm_run` from the vCPU), and only for the exits that use it.
+struct ExitExtras {
+    /// For an emulation failure: the code size (64, 32 or 16) to decode its bytes with.
+    bitness: u32,
+    /// For a (PVM-filtered) IA32_APIC_BASE read: KVM's own value of it.
+    msr_value: Option<u64>,
+}
+
+fn exit_extras(vcpu: &mut VcpuFd) -> ExitExtras {
+    let run = vcpu.get_kvm_run();
+    let (reason, msr_index) = match run.exit_reason {
+        // SAFETY: the exit reason says the `msr` member of the union is the valid one.
+        KVM_EXIT_X86_RDMSR => (run.exit_reason, unsafe { run.__bindgen_anon_1.msr.index }),
+        r => (r, 0),
+    };
+    let bitness = if reason == KVM_EXIT_INTERNAL_ERROR {
+        match vcpu.get_sregs() {
+            Ok(s) if s.cs.l != 0 => 64,
+            Ok(s) if s.cs.db != 0 => 32,
+            Ok(_) => 16,
+            Err(_) => 64,
+        }
+    } else {
+        64
+    };
+    let msr_value = (reason == KVM_EXIT_X86_RDMSR && msr_index == crate::hypervisor::MSR_APIC_BASE)
+        .then(|| crate::hypervisor::get_msr(vcpu, msr_index))
+        .flatten();
+    ExitExtras { bitness, msr_value }
 }
 
 /// Whether this vCPU can only be woken by another CPU or an NMI: halted with RFLAGS.IF clear,
@@ -613,25 +635,10 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
         if let Some(p) = &ctx.vm.profile {
             p.count_exit(vcpu.get_kvm_run());
         }
-        // Instruction bytes need the code size to decode; only emulation failures ask for it.
-        let bitness = if reason == KVM_EXIT_INTERNAL_ERROR {
-            code_bitness(vcpu)
-        } else {
-            64
-        };
-        // A filtered IA32_APIC_BASE read is answered from KVM's own copy.
-        let msr_value = if reason == KVM_EXIT_X86_RDMSR {
-            // SAFETY: the exit reason says the `msr` member of the union is the valid one.
-            let index = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.msr.index };
-            (index == crate::hypervisor::MSR_APIC_BASE)
-                .then(|| crate::hypervisor::get_msr(vcpu, index))
-                .flatten()
-        } else {
-            None
-        };
+        let extras = exit_extras(vcpu);
         let run = vcpu.get_kvm_run();
         let action = match VMEXIT_HANDLERS.get(reason as usize).copied().flatten() {
-            Some(handler) => handler(ctx, &mut decode(run, run_size, bitness, msr_value)),
+            Some(handler) => handler(ctx, &mut decode(run, run_size, extras)),
             None => VmExitAction::Unhandled,
         };
         match action {
