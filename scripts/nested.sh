@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The nested harness: runs a command inside an outer guest ("L1": Debian's cloud kernel under
+# QEMU's TCG with an emulated AMD CPU that has SVM and nested paging), where /dev/kvm is a
+# KVM with hardware-virtualization semantics. L1's root is this host's root, shared with
+# virtiofsd, so the command sees the same files (the checkout, target/, installed tools) in
+# the same current directory; /dev (with /dev/kvm), /proc, /sys, /tmp and /run are L1's own.
+#   scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-v] COMMAND [ARGS...]
+# Prints what the command prints (on L1's serial console) and exits with its status (125 if
+# L1 itself failed). -v also shows L1's kernel log. Timings inside L1 are emulation timings.
+set -euo pipefail
+cpus=${RHYVE_L1_CPUS:-2} mem=${RHYVE_L1_MEM:-4G} quiet=quiet
+while getopts c:m:v opt; do
+    case $opt in
+        c) cpus=$OPTARG ;;
+        m) mem=$OPTARG ;;
+        v) quiet= ;;
+        *) echo "usage: scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-v] COMMAND [ARGS...]" >&2; exit 2 ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -gt 0 ] || { echo "nested: no command given (scripts/nested.sh -h)" >&2; exit 2; }
+here=$(dirname "$0")
+for cmd in qemu-system-x86_64:qemu-system-x86; do
+    command -v "${cmd%%:*}" >/dev/null 2>&1 || {
+        echo "nested: ${cmd%%:*} is missing: run scripts/setup.sh (or apt-get install ${cmd#*:})" >&2
+        exit 1
+    }
+done
+virtiofsd=/usr/lib/qemu/virtiofsd
+[ -x "$virtiofsd" ] || { echo "nested: $virtiofsd is missing: apt-get install qemu-system-common" >&2; exit 1; }
+l1=$("$here/build-l1.sh")
+
+runs=$l1/runs
+mkdir -p "$runs"
+id=$(mktemp -u XXXXXXXX)
+script=$runs/$id.sh status=$runs/$id.status sock=$runs/$id.sock
+trap 'rm -f "$script" "$status" "$sock"; kill "${fsd:-}" 2>/dev/null || true' EXIT
+{
+    echo "# scripts/nested.sh: the command, its directory and environment, run in L1"
+    # The environment, less what names this host's terminal or session.
+    export -p | grep -v -E '^declare -x (TERM|SSH_|DISPLAY|XDG_|DBUS_|SHLVL|OLDPWD|_=)' || true
+    printf 'cd %q || exit 125\n' "$PWD"
+    printf 'exec'
+    printf ' %q' "$@"
+    printf '\n'
+} >"$script"
+
+"$virtiofsd" --socket-path="$sock" -o source=/ -o cache=auto -o sandbox=chroot \
+    -o log_level=err </dev/null >"$runs/$id.fsd.log" 2>&1 &
+fsd=$!
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || { echo "nested: virtiofsd did not start: $(cat "$runs/$id.fsd.log")" >&2; exit 125; }
+
+qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64,+svm,+npt -smp "$cpus" -m "$mem" \
+    -machine pc -nodefaults -display none -no-reboot \
+    -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
+    -chardev "socket,id=fs,path=$sock" -device vhost-user-fs-pci,chardev=fs,tag=host \
+    -chardev stdio,id=con,signal=off -serial chardev:con \
+    -kernel "$l1/vmlinuz" -initrd "$l1/initrd.img" \
+    -append "console=ttyS0 panic=-1 $quiet mitigations=off l1.run=$script l1.status=$status" \
+    </dev/null || true
+if ! [ -s "$status" ]; then
+    echo "nested: L1 ended without the command's exit status (rerun with -v for L1's kernel log)" >&2
+    exit 125
+fi
+exit "$(cat "$status")"
