@@ -514,35 +514,33 @@ impl VirtioDevice for Blk {
                 stats
                     .notifies
                     .fetch_add(drain(&q.notify), Ordering::Relaxed);
-                // Event suppression: no kicks while we drain; re-enable, then look once more
-                // for requests that raced with re-enabling.
-                loop {
-                    let _ = q.queue.disable_notification(&mem);
-                    while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
-                        let head = chain.head_index();
-                        stats.requests.fetch_add(1, Ordering::Relaxed);
-                        match parse(chain, &mem) {
-                            Some(r) => {
-                                inflight.fetch_add(1, Ordering::SeqCst);
-                                if jobs.send(r).is_err() {
-                                    return false;
-                                }
-                            }
-                            None => {
-                                if rate_limited(&bad) {
-                                    log::warn!(
-                                        "virtio-blk: malformed request (descriptor {head}) failed"
-                                    );
-                                }
-                                // No usable status byte: complete it empty.
-                                let _ = q.queue.add_used(&mem, head, 0);
-                                used_any = true;
+                let mut alive = true;
+                q.serve_all(&mem, |queue, chain| {
+                    let head = chain.head_index();
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    match parse(chain, &mem) {
+                        Some(r) => {
+                            inflight.fetch_add(1, Ordering::SeqCst);
+                            if jobs.send(r).is_err() {
+                                alive = false;
+                                return false;
                             }
                         }
+                        None => {
+                            if rate_limited(&bad) {
+                                log::warn!(
+                                    "virtio-blk: malformed request (descriptor {head}) failed"
+                                );
+                            }
+                            // No usable status byte: complete it empty.
+                            let _ = queue.add_used(&mem, head, 0);
+                            used_any = true;
+                        }
                     }
-                    if !q.queue.enable_notification(&mem).unwrap_or(false) {
-                        break;
-                    }
+                    true
+                });
+                if !alive {
+                    return false;
                 }
             } else {
                 drain(&done_evt);

@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +34,11 @@ const PORT_OPEN: u16 = 6;
 const PORT_NAME: u16 = 7;
 /// Most bytes buffered from a client while the guest reads nothing.
 const INBOUND_MAX: usize = 64 << 10;
+/// Most bytes taken from one transmit chain.
+const TX_CHAIN_MAX: usize = 1 << 20;
+/// Most control messages held for a driver that posts no c_ivq buffers (a handshake needs
+/// three per port).
+const CTRL_PENDING_MAX: usize = 4 * MAX_PORTS;
 
 /// The receive and transmit queue of port `p`.
 fn port_queues(p: usize) -> (u16, u16) {
@@ -163,16 +168,21 @@ fn control(id: u32, event: u16, value: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Copies `data` into the next receive chain; returns bytes used, or None without a buffer.
-fn fill(q: &mut ActiveQueue, mem: &GuestMemoryMmap, data: &[u8], bad: &AtomicU64) -> Option<usize> {
-    let chain = q.queue.pop_descriptor_chain(mem)?;
+fn fill(q: &mut Queue, mem: &GuestMemoryMmap, data: &[u8], bad: &AtomicU64) -> Option<usize> {
+    let chain = q.pop_descriptor_chain(mem)?;
     let head = chain.head_index();
     let mut off = 0;
     for d in chain {
-        if !d.is_write_only() || off >= data.len() {
+        let Some(rest) = data.get(off..).filter(|r| !r.is_empty()) else {
+            break;
+        };
+        if !d.is_write_only() {
             continue;
         }
-        let n = (d.len() as usize).min(data.len() - off);
-        if mem.write_slice(&data[off..off + n], d.addr()).is_err() {
+        let n = usize::try_from(d.len())
+            .unwrap_or(usize::MAX)
+            .min(rest.len());
+        if mem.write_slice(&rest[..n], d.addr()).is_err() {
             if rate_limited(bad) {
                 log::warn!("virtio-console: receive buffer outside guest memory");
             }
@@ -180,30 +190,40 @@ fn fill(q: &mut ActiveQueue, mem: &GuestMemoryMmap, data: &[u8], bad: &AtomicU64
         }
         off += n;
     }
-    let _ = q.queue.add_used(mem, head, off as u32);
+    let _ = q.add_used(mem, head, u32::try_from(off).unwrap_or(u32::MAX));
     Some(off)
 }
 
-/// Everything readable in the next transmit chains, one Vec per chain.
+/// Everything readable in the available transmit chains, one Vec per chain.
 fn take_tx(q: &mut ActiveQueue, mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
+    q.serve_all(mem, |queue, chain| {
         let head = chain.head_index();
         let mut buf = Vec::new();
         for d in chain {
-            if d.is_write_only() || buf.len() + d.len() as usize > 1 << 20 {
+            let n = usize::try_from(d.len()).unwrap_or(usize::MAX);
+            if d.is_write_only() || n > TX_CHAIN_MAX.saturating_sub(buf.len()) {
                 continue;
             }
             let start = buf.len();
-            buf.resize(start + d.len() as usize, 0);
+            buf.resize(start + n, 0);
             if mem.read_slice(&mut buf[start..], d.addr()).is_err() {
                 buf.truncate(start);
             }
         }
-        let _ = q.queue.add_used(mem, head, 0);
+        let _ = queue.add_used(mem, head, 0);
         out.push(buf);
-    }
+        true
+    });
     out
+}
+
+/// A control message's id, event and value.
+fn parse_control(m: &[u8]) -> Option<(u32, u16, u16)> {
+    let id = u32::from_le_bytes(m.get(0..4)?.try_into().ok()?);
+    let event = u16::from_le_bytes(m.get(4..6)?.try_into().ok()?);
+    let value = u16::from_le_bytes(m.get(6..8)?.try_into().ok()?);
+    Some((id, event, value))
 }
 
 struct State {
@@ -211,6 +231,7 @@ struct State {
     queues: Vec<Option<ActiveQueue>>,
     names: Vec<String>,
     io: Vec<Arc<PortIo>>,
+    /// Control messages for the driver that wait for a c_ivq buffer.
     pending_ctrl: VecDeque<Vec<u8>>,
     irq: Arc<VirtioIrq>,
     bad: AtomicU64,
@@ -221,6 +242,37 @@ impl State {
         self.queues.get_mut(usize::from(i)).and_then(|q| q.as_mut())
     }
 
+    /// What the worker does when `token` fires: a queue's notification (token = queue index)
+    /// or a port's inbound data (token = queue count + port).
+    fn on_event(&mut self, token: usize) {
+        let nq = self.queues.len();
+        if let Some(p) = token.checked_sub(nq) {
+            if let Some(io) = self.io.get(p) {
+                drain(&io.ready);
+                self.deliver(p);
+            }
+            return;
+        }
+        let Ok(t) = u16::try_from(token) else { return };
+        if let Some(q) = self.q(t) {
+            drain(&q.notify);
+        }
+        match t {
+            CTRL_RX => self.flush_ctrl(),
+            CTRL_TX => self.handle_ctrl_tx(),
+            _ => {
+                let p = if t < 2 { 0 } else { usize::from((t - 2) / 2) };
+                if t % 2 == 0 {
+                    self.deliver(p);
+                } else {
+                    self.transmit(p);
+                }
+            }
+        }
+    }
+
+    /// Interrupts the driver for queue `i`'s new used entries, unless it suppressed that.
+    /// Call only after adding to the used ring.
     fn notify(&mut self, i: u16) {
         let mem = self.mem.clone();
         if let Some(q) = self.q(i) {
@@ -230,25 +282,41 @@ impl State {
         }
     }
 
-    /// Sends pending control messages while the driver has buffers for them.
+    /// Queues a control message for the driver.
+    fn send_ctrl(&mut self, msg: Vec<u8>) {
+        if self.pending_ctrl.len() >= CTRL_PENDING_MAX {
+            if rate_limited(&self.bad) {
+                log::warn!("virtio-console: the driver takes no control messages; dropped one");
+            }
+            return;
+        }
+        self.pending_ctrl.push_back(msg);
+    }
+
+    /// Sends pending control messages while the driver has buffers for them; when it runs out,
+    /// asks it to kick c_ivq as it adds one (Linux re-posts each buffer after reading it).
     fn flush_ctrl(&mut self) {
         let mem = self.mem.clone();
         let mut sent = false;
-        while let Some(m) = self.pending_ctrl.front().cloned() {
-            let bad = &self.bad;
-            let Some(q) = self
-                .queues
-                .get_mut(usize::from(CTRL_RX))
-                .and_then(|q| q.as_mut())
-            else {
-                return;
-            };
-            if fill(q, &mem, &m, bad).is_none() {
-                break;
+        let pending = &mut self.pending_ctrl;
+        let bad = &self.bad;
+        let Some(q) = self
+            .queues
+            .get_mut(usize::from(CTRL_RX))
+            .and_then(|q| q.as_mut())
+        else {
+            return;
+        };
+        q.serve_rx(&mem, |queue| {
+            while let Some(m) = pending.front() {
+                if fill(queue, &mem, m, bad).is_none() {
+                    return true;
+                }
+                pending.pop_front();
+                sent = true;
             }
-            self.pending_ctrl.pop_front();
-            sent = true;
-        }
+            false
+        });
         if sent {
             self.notify(CTRL_RX);
         }
@@ -258,26 +326,26 @@ impl State {
         let mem = self.mem.clone();
         let Some(q) = self.q(CTRL_TX) else { return };
         let msgs = take_tx(q, &mem);
+        if msgs.is_empty() {
+            return;
+        }
         self.notify(CTRL_TX);
         for m in msgs {
-            if m.len() < 8 {
+            let Some((id, event, value)) = parse_control(&m) else {
                 continue;
-            }
-            let id = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
-            let event = u16::from_le_bytes([m[4], m[5]]);
-            let value = u16::from_le_bytes([m[6], m[7]]);
-            match (event, value) {
-                (DEVICE_READY, 1) => {
+            };
+            let port = usize::try_from(id).ok().filter(|&p| p < self.names.len());
+            match (event, value, port) {
+                (DEVICE_READY, 1, _) => {
                     for p in 0..self.names.len() {
-                        self.pending_ctrl
-                            .push_back(control(p as u32, DEVICE_ADD, 0, &[]));
+                        let id = u32::try_from(p).unwrap_or(u32::MAX);
+                        self.send_ctrl(control(id, DEVICE_ADD, 0, &[]));
                     }
                 }
-                (PORT_READY, 1) if (id as usize) < self.names.len() => {
-                    let name = self.names[id as usize].clone();
-                    self.pending_ctrl
-                        .push_back(control(id, PORT_NAME, 0, name.as_bytes()));
-                    self.pending_ctrl.push_back(control(id, PORT_OPEN, 1, &[]));
+                (PORT_READY, 1, Some(p)) => {
+                    let name = self.names.get(p).cloned().unwrap_or_default();
+                    self.send_ctrl(control(id, PORT_NAME, 0, name.as_bytes()));
+                    self.send_ctrl(control(id, PORT_OPEN, 1, &[]));
                 }
                 _ => {
                     log::debug!("virtio-console: control event {event} value {value} for port {id}")
@@ -291,28 +359,31 @@ impl State {
     fn deliver(&mut self, p: usize) {
         let mem = self.mem.clone();
         let (rx, _) = port_queues(p);
-        let io = self.io[p].clone();
-        let mut inbound = io.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(io) = self.io.get(p).cloned() else {
+            return;
+        };
+        let bad = &self.bad;
+        let Some(q) = self
+            .queues
+            .get_mut(usize::from(rx))
+            .and_then(|q| q.as_mut())
+        else {
+            return;
+        };
         let mut sent = false;
-        while !inbound.is_empty() {
-            let chunk: Vec<u8> = inbound.iter().take(4096).copied().collect();
-            let bad = &self.bad;
-            let Some(q) = self
-                .queues
-                .get_mut(usize::from(rx))
-                .and_then(|q| q.as_mut())
-            else {
-                break;
-            };
-            match fill(q, &mem, &chunk, bad) {
-                Some(n) if n > 0 => {
-                    inbound.drain(..n);
-                    sent = true;
-                }
-                _ => break,
+        q.serve_rx(&mem, |queue| {
+            let mut inbound = io.inbound.lock().unwrap_or_else(|e| e.into_inner());
+            while !inbound.is_empty() {
+                let chunk: Vec<u8> = inbound.iter().take(4096).copied().collect();
+                let Some(n) = fill(queue, &mem, &chunk, bad) else {
+                    return true;
+                };
+                // A chain with no room (n = 0) is used up all the same.
+                inbound.drain(..n.min(chunk.len()));
+                sent = true;
             }
-        }
-        drop(inbound);
+            false
+        });
         if sent {
             self.notify(rx);
         }
@@ -323,8 +394,12 @@ impl State {
         let (_, tx) = port_queues(p);
         let Some(q) = self.q(tx) else { return };
         let chunks = take_tx(q, &mem);
+        if chunks.is_empty() {
+            return;
+        }
         self.notify(tx);
-        let mut client = self.io[p].client.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(io) = self.io.get(p) else { return };
+        let mut client = io.client.lock().unwrap_or_else(|e| e.into_inner());
         for c in chunks {
             if let Some(s) = client.as_mut() {
                 if s.write_all(&c).is_err() {
@@ -398,27 +473,7 @@ impl VirtioDevice for Console {
         };
         self.worker = Some(Worker::spawn("virtio-console".into(), fds, move |token| {
             let _keep = &idle;
-            if token >= nq {
-                let p = token - nq;
-                drain(&st.io[p].ready);
-                st.deliver(p);
-                return true;
-            }
-            if let Some(q) = st.q(token as u16) {
-                drain(&q.notify);
-            }
-            match token as u16 {
-                CTRL_RX => st.flush_ctrl(),
-                CTRL_TX => st.handle_ctrl_tx(),
-                t => {
-                    let p = if t < 2 { 0 } else { usize::from((t - 2) / 2) };
-                    if t % 2 == 0 {
-                        st.deliver(p);
-                    } else {
-                        st.transmit(p);
-                    }
-                }
-            }
+            st.on_event(token);
             true
         })?);
         Ok(())
@@ -449,6 +504,8 @@ pub fn legacy_config(cfg: &mut Config, prefix: &str, opts: &str) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::mock::{self, Driver};
+    use std::collections::BTreeMap;
     use virtio_queue::desc::{split::Descriptor as Desc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
@@ -481,8 +538,8 @@ mod tests {
         };
         let bad = AtomicU64::new(0);
         // A 4-byte buffer takes 4 of 10 bytes; one outside RAM takes none.
-        assert_eq!(fill(&mut q, &m, b"0123456789", &bad), Some(4));
-        assert_eq!(fill(&mut q, &m, b"0123456789", &bad), Some(0));
+        assert_eq!(fill(&mut q.queue, &m, b"0123456789", &bad), Some(4));
+        assert_eq!(fill(&mut q.queue, &m, b"0123456789", &bad), Some(0));
         let mut b = [0u8; 4];
         m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"0123");
@@ -493,7 +550,7 @@ mod tests {
             m.read_obj::<u16>(vq.used_addr().unchecked_add(2)).unwrap(),
             3
         );
-        assert_eq!(fill(&mut q, &m, b"x", &bad), None, "no buffers left");
+        assert_eq!(fill(&mut q.queue, &m, b"x", &bad), None, "no buffers left");
     }
 
     #[test]
@@ -515,5 +572,218 @@ mod tests {
         );
         assert!(legacy_config(&mut c, "pci.0.6.0", "nopath").is_err());
         assert!(legacy_config(&mut c, "pci.0.6.0", "=x").is_err());
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// The device's state for ports named `names`, every queue enabled with EVENT_IDX, and
+    /// the driver's side of each queue.
+    fn device<'a>(m: &'a GuestMemoryMmap, names: &[&str]) -> (State, Vec<Driver<'a>>) {
+        let nq = 2 + 2 * names.len();
+        let mut drivers: Vec<Driver> = (0..nq)
+            .map(|i| Driver::new(m, 0x1_0000 + 0x1000 * i as u64, 16))
+            .collect();
+        let queues = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Some(d.queue(i as u16)))
+            .collect();
+        // Linux polls the control-out queue in __send_control_msg and takes no interrupt for
+        // it, so every interrupt in these tests is for a queue the driver waits on.
+        let c_ovq = drivers.remove(usize::from(CTRL_TX)).polled();
+        drivers.insert(usize::from(CTRL_TX), c_ovq);
+        let io = names
+            .iter()
+            .map(|_| {
+                Arc::new(PortIo {
+                    client: Mutex::new(None),
+                    inbound: Mutex::new(VecDeque::new()),
+                    ready: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                })
+            })
+            .collect();
+        let st = State {
+            mem: m.clone(),
+            queues,
+            names: names.iter().map(|n| n.to_string()).collect(),
+            io,
+            pending_ctrl: VecDeque::new(),
+            irq: mock::irq(),
+            bad: AtomicU64::new(0),
+        };
+        (st, drivers)
+    }
+
+    const CTRL_BUF: u32 = 0x100;
+
+    /// Linux's virtio_console driver (drivers/char/virtio_console.c), as far as the MULTIPORT
+    /// handshake goes: virtcons_probe, __send_control_msg, control_work_handler, add_port.
+    struct Guest<'a> {
+        q: Vec<Driver<'a>>,
+        sent: u64,
+        added: Vec<u32>,
+        names: BTreeMap<u32, String>,
+        open: BTreeMap<u32, u16>,
+    }
+
+    impl Guest<'_> {
+        /// add_inbuf / virtqueue_add_outbuf plus virtqueue_kick, which notifies the device
+        /// only if avail_event asks for it.
+        fn post(&mut self, st: &mut State, queue: u16, buf: (u64, u32, bool)) -> bool {
+            let kick = self.q[usize::from(queue)].post(&[buf]);
+            if kick {
+                st.on_event(usize::from(queue));
+            }
+            kick
+        }
+
+        /// __send_control_msg: one message on c_ovq, then a spin until the device used it.
+        fn send(&mut self, st: &mut State, id: u32, event: u16, value: u16) {
+            let addr = 0x5_0000 + 0x10 * (self.sent % 16);
+            self.sent += 1;
+            st.mem
+                .write_slice(&control(id, event, value, &[]), GuestAddress(addr))
+                .unwrap();
+            let kicked = self.post(st, CTRL_TX, (addr, 8, false));
+            let c_ovq = &mut self.q[usize::from(CTRL_TX)];
+            assert!(
+                c_ovq.take_used().is_some(),
+                "control event {event} for port {id} never used (kicked: {kicked}, avail_event {}): Linux spins in __send_control_msg",
+                c_ovq.avail_event()
+            );
+        }
+
+        fn post_ctrl_buf(&mut self, st: &mut State, k: u64) {
+            self.post(st, CTRL_RX, (0x4_0000 + 0x1000 * k, CTRL_BUF, true));
+        }
+
+        /// control_work_handler, scheduled by c_ivq's interrupt: handles every used buffer
+        /// and gives it back.
+        fn control_work(&mut self, st: &mut State) {
+            while let Some((head, len)) = self.q[usize::from(CTRL_RX)].take_used() {
+                let addr = self.q[usize::from(CTRL_RX)].buffer(head);
+                let mut msg = vec![0u8; len as usize];
+                st.mem.read_slice(&mut msg, GuestAddress(addr)).unwrap();
+                let (id, event, value) = parse_control(&msg).expect("a whole control message");
+                match event {
+                    DEVICE_ADD => {
+                        // add_port: fill the port's receive queue, then PORT_READY.
+                        self.added.push(id);
+                        let (rx, _) = port_queues(id as usize);
+                        for k in 0..4u64 {
+                            let buf = 0x6_0000 + 0x1000 * u64::from(id) + 0x100 * k;
+                            self.post(st, rx, (buf, 0x100, true));
+                        }
+                        self.send(st, id, PORT_READY, 1);
+                    }
+                    PORT_NAME => {
+                        let name = String::from_utf8(msg[8..].to_vec()).unwrap();
+                        assert!(self.names.insert(id, name).is_none());
+                    }
+                    PORT_OPEN => {
+                        self.open.insert(id, value);
+                    }
+                    e => panic!("unexpected control event {e}"),
+                }
+                self.post(st, CTRL_RX, (addr, CTRL_BUF, true));
+            }
+        }
+    }
+
+    /// DEVICE_READY -> PORT_ADD per port -> PORT_READY -> PORT_NAME, PORT_OPEN, with every
+    /// kick subject to avail_event and control_work run only on the device's interrupts.
+    /// `late`: the driver posts its two c_ivq buffers only after DEVICE_READY, so the
+    /// device holds messages until buffers arrive, and keeps running out of them.
+    fn handshake(late: bool) {
+        let m = mem();
+        let names = ["org.qemu.guest_agent.0", "org.example.second"];
+        let (mut st, q) = device(&m, &names);
+        let irq = st.irq.clone();
+        let mut g = Guest {
+            q,
+            sent: 0,
+            added: Vec::new(),
+            names: BTreeMap::new(),
+            open: BTreeMap::new(),
+        };
+        if !late {
+            g.post_ctrl_buf(&mut st, 0);
+            g.post_ctrl_buf(&mut st, 1);
+        }
+        g.send(&mut st, u32::MAX, DEVICE_READY, 1);
+        if late {
+            assert_eq!(st.pending_ctrl.len(), 2, "PORT_ADDs wait for buffers");
+            g.post_ctrl_buf(&mut st, 0);
+            g.post_ctrl_buf(&mut st, 1);
+        }
+        for _ in 0..64 {
+            if !mock::interrupted(&irq) {
+                break;
+            }
+            g.control_work(&mut st);
+        }
+        assert_eq!(g.added, [0, 1], "late c_ivq buffers: {late}");
+        assert_eq!(g.names.get(&0).map(String::as_str), Some(names[0]));
+        assert_eq!(g.names.get(&1).map(String::as_str), Some(names[1]));
+        assert_eq!(g.open, BTreeMap::from([(0, 1), (1, 1)]));
+        assert!(st.pending_ctrl.is_empty());
+    }
+
+    #[test]
+    fn with_event_idx_the_multiport_handshake_completes_for_two_named_ports() {
+        handshake(false);
+    }
+
+    #[test]
+    fn with_event_idx_control_messages_wait_for_late_c_ivq_buffers() {
+        handshake(true);
+    }
+
+    /// Port data with EVENT_IDX: every guest write after the first is kicked and reaches the
+    /// client; bytes from the client wait for a buffer, and the buffer the driver adds after
+    /// rx ran out is kicked.
+    #[test]
+    fn with_event_idx_port_data_flows_both_ways_after_the_first_kick() {
+        let m = mem();
+        let (mut st, mut d) = device(&m, &["p0"]);
+        let irq = st.irq.clone();
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        *st.io[0].client.lock().unwrap() = Some(guest_side);
+        for i in 0..3u16 {
+            let addr = 0x3_0000 + 0x100 * u64::from(i);
+            m.write_slice(format!("out{i}").as_bytes(), GuestAddress(addr))
+                .unwrap();
+            assert!(
+                d[1].post(&[(addr, 4, false)]),
+                "write {i}: the driver kicks (avail_event {})",
+                d[1].avail_event()
+            );
+            st.on_event(1);
+            assert_eq!(d[1].take_used(), Some((i, 0)));
+        }
+        let mut got = [0u8; 12];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out0out1out2");
+        let inbound_event = st.queues.len();
+        for i in 0..3u16 {
+            let text = format!("in{i}");
+            st.io[0].inbound.lock().unwrap().extend(text.bytes());
+            st.on_event(inbound_event);
+            assert_eq!(d[0].take_used(), None, "no receive buffer yet");
+            let addr = 0x4_0000 + 0x100 * u64::from(i);
+            assert!(
+                d[0].post(&[(addr, 0x100, true)]),
+                "receive buffer {i}: the driver kicks (avail_event {})",
+                d[0].avail_event()
+            );
+            st.on_event(0);
+            assert!(mock::interrupted(&irq), "the driver is interrupted");
+            assert_eq!(d[0].take_used(), Some((i, 3)));
+            let mut b = [0u8; 3];
+            m.read_slice(&mut b, GuestAddress(addr)).unwrap();
+            assert_eq!(b, text.as_bytes());
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::pci::rate_limited;
 use super::{drain, ActiveQueue, VirtioDevice, VirtioIrq, Worker};
@@ -163,16 +163,16 @@ struct Rx {
 impl Rx {
     /// Copies the pending frame into as many rx chains as it needs (one without mergeable
     /// buffers). Returns false when the guest has no buffer for it.
-    fn deliver(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryMmap, bad: &AtomicU64) -> bool {
+    fn deliver(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, bad: &AtomicU64) -> bool {
         let frame = &mut self.frame[..self.pending];
         let mut off = 0usize;
         let mut chains: Vec<(u16, u32)> = Vec::new();
         let mut first_hdr = None;
         while off < frame.len() {
-            let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
                 // Not enough buffers: give back what we took and wait for more.
                 for _ in &chains {
-                    q.queue.go_to_previous_position();
+                    q.go_to_previous_position();
                 }
                 return false;
             };
@@ -201,18 +201,53 @@ impl Rx {
             }
         }
         // num_buffers, in the header of the first chain.
-        if let Some(h) = first_hdr {
-            let _ = mem.write_obj(chains.len() as u16, vm_memory::GuestAddress(h.0 + 10));
+        if let Some(at) = first_hdr.and_then(|h| h.checked_add(10)) {
+            let n = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+            let _ = mem.write_obj(n, at);
         }
         for (head, len) in chains {
-            let _ = q.queue.add_used(mem, head, len);
+            let _ = q.add_used(mem, head, len);
         }
         self.pending = 0;
         true
     }
 }
 
-/// Sends every frame the guest queued for transmission to the tap.
+/// Moves frames from the tap into the guest's rx buffers until the tap is drained or the
+/// buffers run out (then the driver is asked to kick when it adds more: Linux refills rx only
+/// after using what it had, and kicks only if asked). Returns whether any frame was delivered.
+fn receive(
+    rx: &mut Rx,
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    tap: &mut impl Read,
+    bad: &AtomicU64,
+) -> bool {
+    let mut delivered = false;
+    q.serve_rx(mem, |queue| loop {
+        if rx.pending == 0 {
+            match tap.read(&mut rx.frame) {
+                Ok(n) if n > HDR_LEN => {
+                    log::trace!("virtio-net: {n} bytes from the tap");
+                    rx.pending = n
+                }
+                // A runt: dropped.
+                Ok(n) if n > 0 => continue,
+                // Drained (EAGAIN) or the tap went away.
+                _ => return false,
+            }
+        }
+        if !rx.deliver(queue, mem, bad) {
+            log::trace!("virtio-net: no rx buffer, frame held");
+            return true;
+        }
+        delivered = true;
+    });
+    delivered
+}
+
+/// Sends every frame the guest queued for transmission to the tap; returns whether it
+/// completed any.
 fn transmit(
     q: &mut ActiveQueue,
     mem: &GuestMemoryMmap,
@@ -220,8 +255,7 @@ fn transmit(
     buf: &mut Vec<u8>,
     bad: &AtomicU64,
 ) -> bool {
-    let mut used_any = false;
-    while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
+    let sent = q.serve_all(mem, |queue, chain| {
         let head = chain.head_index();
         buf.clear();
         let mut ok = true;
@@ -230,8 +264,8 @@ fn transmit(
                 continue;
             }
             let start = buf.len();
-            let n = d.len() as usize;
-            if start + n > MAX_FRAME {
+            let n = usize::try_from(d.len()).unwrap_or(usize::MAX);
+            if n > MAX_FRAME.saturating_sub(start) {
                 ok = false;
                 break;
             }
@@ -250,10 +284,10 @@ fn transmit(
         } else if rate_limited(bad) {
             log::warn!("virtio-net: malformed tx chain dropped");
         }
-        let _ = q.queue.add_used(mem, head, 0);
-        used_any = true;
-    }
-    used_any
+        let _ = queue.add_used(mem, head, 0);
+        true
+    });
+    sent > 0
 }
 
 impl VirtioDevice for Net {
@@ -362,26 +396,9 @@ impl VirtioDevice for Net {
                         if token == 0 {
                             drain(&rxq.notify);
                         }
-                        let mut delivered = false;
-                        loop {
-                            if rx.pending == 0 {
-                                match (&*tap).read(&mut rx.frame) {
-                                    Ok(n) if n > HDR_LEN => {
-                                        log::trace!("virtio-net: {n} bytes from the tap");
-                                        rx.pending = n
-                                    }
-                                    Ok(_) => continue,
-                                    // Drained (EAGAIN) or the tap went away.
-                                    Err(_) => break,
-                                }
-                            }
-                            if !rx.deliver(&mut rxq, &mem, &bad) {
-                                log::trace!("virtio-net: no rx buffer, frame held");
-                                break;
-                            }
-                            delivered = true;
-                        }
-                        if delivered && rxq.queue.needs_notification(&mem).unwrap_or(true) {
+                        if receive(&mut rx, &mut rxq, &mem, &mut &*tap, &bad)
+                            && rxq.queue.needs_notification(&mem).unwrap_or(true)
+                        {
                             irq.signal_queue(RX);
                         }
                     }
@@ -408,6 +425,8 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::mock::Driver;
+    use std::collections::VecDeque;
     use virtio_queue::desc::{split::Descriptor as Desc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
@@ -447,7 +466,7 @@ mod tests {
             pending: 100,
             mrg: true,
         };
-        assert!(rx.deliver(&mut q, &m, &AtomicU64::new(0)));
+        assert!(rx.deliver(&mut q.queue, &m, &AtomicU64::new(0)));
         assert_eq!(rx.pending, 0);
         let used = vq.used_addr();
         assert_eq!(
@@ -464,7 +483,7 @@ mod tests {
         );
         // No buffers left: the frame stays pending, nothing is consumed.
         rx.pending = 100;
-        assert!(!rx.deliver(&mut q, &m, &AtomicU64::new(0)));
+        assert!(!rx.deliver(&mut q.queue, &m, &AtomicU64::new(0)));
         assert_eq!(rx.pending, 100);
         assert_eq!(m.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 2);
     }
@@ -515,5 +534,101 @@ mod tests {
         ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
+    }
+
+    /// Linux transmits a frame, kicks if avail_event asks for it, and goes on: every frame
+    /// after the first reaches the tap only if the device re-armed the kick.
+    #[test]
+    fn with_event_idx_every_tx_frame_is_kicked_and_sent() {
+        let m = mem();
+        let path =
+            std::env::temp_dir().join(format!("rhyve-fake-tap-evidx-{}", std::process::id()));
+        let tap = File::create(&path).unwrap();
+        let mut d = Driver::new(&m, 0x8000, 16);
+        let mut q = d.queue(TX);
+        let mut buf = Vec::new();
+        let bad = AtomicU64::new(0);
+        for i in 0..3u16 {
+            let addr = 0x1000 + 0x100 * u64::from(i);
+            m.write_slice(&[i as u8 + 1; 60], GuestAddress(addr))
+                .unwrap();
+            assert!(
+                d.post(&[(addr, 60, false)]),
+                "frame {i}: the driver kicks (avail_event {})",
+                d.avail_event()
+            );
+            assert!(transmit(&mut q, &m, &tap, &mut buf, &bad));
+            assert_eq!(d.avail_event(), i + 1, "the next frame will be kicked");
+            assert_eq!(d.take_used(), Some((i, 0)));
+        }
+        drop(tap);
+        let written = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let want: Vec<u8> = (1..=3u8).flat_map(|t| [t; 60]).collect();
+        assert_eq!(written, want, "three frames reached the tap, in order");
+    }
+
+    /// A tap that hands out queued frames and then reports EAGAIN.
+    struct FakeTap(VecDeque<Vec<u8>>);
+
+    impl Read for FakeTap {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let f = self.0.pop_front().ok_or(std::io::ErrorKind::WouldBlock)?;
+            buf[..f.len()].copy_from_slice(&f);
+            Ok(f.len())
+        }
+    }
+
+    /// Frames wait in the device while the guest has no rx buffer; the buffer the driver adds
+    /// after rx ran out must be kicked, also when the device had popped one and given it back
+    /// (a frame needing two mergeable buffers with one posted).
+    #[test]
+    fn with_event_idx_rx_asks_for_a_kick_when_it_runs_out_of_buffers() {
+        let m = mem();
+        let mut d = Driver::new(&m, 0x8000, 16);
+        let mut q = d.queue(RX);
+        let mut rx = Rx {
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            mrg: true,
+        };
+        let frames = [vec![1u8; 100], vec![2u8; 100], vec![3u8; 200]];
+        let mut tap = FakeTap(frames.iter().cloned().collect());
+        let bad = AtomicU64::new(0);
+        assert!(!receive(&mut rx, &mut q, &m, &mut tap, &bad));
+        assert_eq!(rx.pending, 100, "the first frame waits for a buffer");
+        for (i, addr) in [0x1000u64, 0x2000].into_iter().enumerate() {
+            assert!(
+                d.post(&[(addr, 128, true)]),
+                "rx buffer {i}: the driver kicks (avail_event {})",
+                d.avail_event()
+            );
+            assert!(receive(&mut rx, &mut q, &m, &mut tap, &bad));
+            assert!(q.queue.needs_notification(&m).unwrap(), "interrupt wanted");
+            assert_eq!(d.take_used(), Some((i as u16, 100)));
+            let mut got = [0u8; 100];
+            m.read_slice(&mut got, GuestAddress(addr)).unwrap();
+            assert_eq!(got[HDR_LEN..], frames[i][HDR_LEN..]);
+            assert_eq!(got[10..12], [1, 0], "num_buffers");
+        }
+        // The 200-byte frame needs two 128-byte buffers: with one posted, the device takes it,
+        // gives it back and waits.
+        assert!(d.post(&[(0x3000, 128, true)]), "kicked");
+        assert!(!receive(&mut rx, &mut q, &m, &mut tap, &bad));
+        assert_eq!(d.take_used(), None);
+        assert!(
+            d.post(&[(0x4000, 128, true)]),
+            "the next buffer is kicked although the device is behind the driver's index (avail_event {})",
+            d.avail_event()
+        );
+        assert!(receive(&mut rx, &mut q, &m, &mut tap, &bad));
+        assert_eq!(d.take_used(), Some((2, 128)));
+        assert_eq!(d.take_used(), Some((3, 72)));
+        assert_eq!(
+            m.read_obj::<u16>(GuestAddress(0x3000 + 10)).unwrap(),
+            2,
+            "num_buffers"
+        );
+        assert_eq!(rx.pending, 0, "the tap is drained");
     }
 }
