@@ -289,8 +289,8 @@ impl Vm {
         })
     }
 
-    /// The LPC-side platform: COM ports, RTC, reset ports, POST port (bhyve `init_pci`'s lpc
-    /// part and the `inout` handlers registered at start-up).
+    /// The LPC-side platform: COM ports, RTC, reset ports, POST port, i8042 (bhyve `init_pci`'s
+    /// lpc part, `atkbdc_init` and the `inout` handlers registered at start-up).
     fn init_platform(
         cfg: &Config,
         vm_fd: &VmFd,
@@ -334,12 +334,18 @@ impl Vm {
             1,
             Arc::new(Mutex::new(resetctl::ResetControl::new(ctl.clone()))),
         )?;
+        let isa_line = |irq: u32| -> Result<i8042::Line, VmError> {
+            let line = IrqLine::new(vm_fd, irq)
+                .map_err(|e| VmError::Device(format!("i8042 IRQ {irq}: {e}")))?;
+            Ok(Box::new(line))
+        };
+        let kbc = i8042::I8042::new(ctl, isa_line(1)?, isa_line(12)?);
         insert_pio(
             shared,
             "i8042",
             i8042::I8042::BASE,
             i8042::I8042::LEN,
-            Arc::new(Mutex::new(i8042::I8042::new(ctl))),
+            Arc::new(Mutex::new(kbc)),
         )?;
         Ok(())
     }

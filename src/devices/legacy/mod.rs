@@ -1,5 +1,5 @@
-//! The legacy platform on the LPC side: COM ports, RTC/CMOS, reset ports, the POST port, and
-//! ACPI power management.
+//! The legacy platform on the LPC side: COM ports, RTC/CMOS, the i8042 keyboard controller,
+//! reset ports, the POST port, and ACPI power management.
 
 pub mod i8042;
 pub mod lpc;
