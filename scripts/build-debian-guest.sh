@@ -5,12 +5,15 @@
 #   initrd.img  a busybox initramfs: i386 busybox-static (a 32-bit user space, which enters the
 #               kernel with int 0x80 when booted with vdso32=0: PVM mishandles 64-bit syscall
 #               from guest user mode), the kernel's virtio modules and an /init that loads them,
-#               mounts the virtio-blk ext4 disk, reads the virtio RNG, configures virtio-net,
-#               prints what it found on the console and powers off (or reboots)
+#               runs the scenarios asked for (tests/guest/scenarios.sh; by default it mounts the
+#               virtio-blk ext4 disk, reads the virtio RNG, configures virtio-net), prints what
+#               it found on the console and powers off (or reboots, halts, or gives a shell);
+#               the host's util-linux blkdiscard (for write-zeroes) with its libraries
 #   disk.ext4   a 16 MiB ext4 file system holding hello.txt, for /dev/vda
 # Prints the directory. The guest's /init reads these kernel command-line options:
 #   rhyve.ip=ADDR/LEN  rhyve.peer=ADDR   configure eth0 and ping the peer once
-#   rhyve.end=poweroff|reboot|shell      what to do at the end (default poweroff)
+#   rhyve.scenario=NAME[,NAME...]        run tests/guest/scenarios.sh's scenario_NAME (default)
+#   rhyve.end=poweroff|reboot|halt|shell|wait   what to do at the end (default poweroff)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,7 +22,7 @@ out=.cache/debian-guest
 mkdir -p .cache
 exec 9>.cache/debian-guest.lock
 flock 9
-stamp=$(sha256sum scripts/build-debian-guest.sh | cut -c1-16)
+stamp=$(cat scripts/build-debian-guest.sh scripts/lib/guest-build.sh tests/guest/scenarios.sh | sha256sum | cut -c1-16)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ]; then
     echo "$root/$out"
     exit 0
@@ -39,6 +42,9 @@ moddir=.cache/linux/lib/modules/$kver
 
 rm -rf "$out" && mkdir -p "$out/work"
 work=$out/work
+rootfs=$work/rootfs
+# shellcheck source=lib/guest-build.sh
+. scripts/lib/guest-build.sh
 
 # i386 busybox-static, downloaded with a private apt state so the host's dpkg architectures
 # are left alone; the amd64 build too, at /bin64, to show what 64-bit user space does (boot
@@ -48,46 +54,28 @@ apt_i386=(-o APT::Architecture=i386 -o APT::Architectures::=i386 -o "Dir::State:
 mkdir -p "$work/apt/lists/partial" "$work/apt/cache/archives/partial"
 # A mirror mid-sync can fail one index (e.g. the security suite's); the package is in the others.
 apt-get "${apt_i386[@]}" update -qq >"$work/apt-update.log" 2>&1 || true
-# busybox ARCH DEST [apt options]: download busybox-static for ARCH and unpack it into DEST.
-busybox() {
-    local arch=$1 dest=$2
-    shift 2
-    (cd "$work" && apt-get "$@" download "busybox-static:$arch" >/dev/null 2>>"apt-download.log") || {
-        echo "build-debian-guest: cannot download busybox-static:$arch (see $work/apt-download.log)" >&2
-        exit 1
-    }
-    dpkg-deb -x "$work"/busybox-static_*_"$arch".deb "$dest"
-}
 busybox i386 "$work/bb" "${apt_i386[@]}"
 busybox amd64 "$work/bb64"
 
-rootfs=$work/rootfs
-mkdir -p "$rootfs"/{bin,bin64,dev,proc,sys,mnt,lib/modules}
+mkdir -p "$rootfs"/{bin,bin64,dev,proc,sys,mnt,tmp,etc,lib/modules}
 cp "$work/bb/bin/busybox" "$rootfs/bin/busybox"
 cp "$work/bb64/bin/busybox" "$rootfs/bin64/busybox"
 ln -s busybox "$rootfs/bin64/sh"
-for applet in sh mount umount insmod ip ping cat echo dd od head grep sync sleep uname \
-    poweroff reboot ls mkdir cut tr wc sha256sum date; do
-    ln -s busybox "$rootfs/bin/$applet"
+for applet in $("$work/bb/bin/busybox" --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
 done
+# util-linux's blkdiscard (busybox's cannot write zeroes) and the libraries it links.
+blkdiscard=$(command -v blkdiscard) || { echo "build-debian-guest: blkdiscard is missing: apt-get install util-linux" >&2; exit 1; }
+for lib in $(ldd "$blkdiscard" | grep -o '/[^ ]*'); do
+    mkdir -p "$rootfs$(dirname "$lib")" && cp -L "$lib" "$rootfs$lib"
+done
+mkdir -p "$rootfs/usr/sbin"
+cp -L "$blkdiscard" "$rootfs/usr/sbin/blkdiscard"
+cp tests/guest/scenarios.sh "$rootfs/scenarios.sh"
 
-# Virtio modules in dependency order, read from each module's .modinfo "depends=".
-declare -A done_mod=()
-order=()
-modfile() { find "$moddir/kernel" \( -name "$1.ko" -o -name "$(echo "$1" | tr _ -).ko" \) | head -n 1; }
-add_mod() {
-    local name=$1 f dep
-    [ -n "${done_mod[$name]:-}" ] && return
-    f=$(modfile "$name")
-    [ -n "$f" ] || { echo "build-debian-guest: module $name not found under $moddir" >&2; exit 1; }
-    for dep in $(objcopy -O binary -j .modinfo "$f" /dev/stdout | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do
-        add_mod "$dep"
-    done
-    done_mod[$name]=1
-    cp "$f" "$rootfs/lib/modules/"
-    order+=("$(basename "$f")")
-}
-for m in virtio_pci virtio_blk virtio_net virtio_rng virtio_console; do add_mod "$m"; done
+# Virtio modules (and the ACPI button with evdev, for acpid) in dependency order, read from
+# each module's .modinfo "depends=".
+for m in virtio_pci virtio_blk virtio_net virtio_rng virtio_console button evdev; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" >"$rootfs/lib/modules/order"
 
 cat >"$rootfs/init" <<'EOF'
@@ -102,60 +90,27 @@ say "init running: kernel $(uname -r) $(uname -m), /bin/busybox ELF class $(od -
 say "cpus online: $(cat /sys/devices/system/cpu/online)"
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || say "insmod $m failed"; done
 say "modules loaded: $(cat /lib/modules/order | tr '\n' ' ')"
-if [ -b /dev/vda ]; then
-    if mount -t ext4 /dev/vda /mnt; then
-        say "blk read: $(cat /mnt/hello.txt)"
-        echo "written by the guest at boot $(cat /proc/sys/kernel/random/boot_id)" >/mnt/from-guest.txt
-        sync
-        say "blk wrote: $(cat /mnt/from-guest.txt)"
-        umount /mnt && say "blk unmounted"
-    else
-        say "blk: mount /dev/vda failed"
-    fi
-else
-    say "blk: no /dev/vda"
-fi
-if [ -c /dev/hwrng ]; then
-    say "rng: $(cat /sys/class/misc/hw_random/rng_current) gave $(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
-else
-    say "rng: no /dev/hwrng"
-fi
-ip=$(arg ip)
-peer=$(arg peer)
-if [ -n "$ip" ] && [ -d /sys/class/net/eth0 ]; then
-    ip link set lo up
-    ip addr add "$ip" dev eth0 && ip link set eth0 up
-    say "net: eth0 $(cat /sys/class/net/eth0/address) $ip"
-    if [ -n "$peer" ]; then
-        if ping -c 1 -W 10 "$peer" >/dev/null; then say "net: ping $peer ok"; else say "net: ping $peer failed"; fi
-    fi
-fi
+mkdir -p /tmp && mount -t tmpfs tmpfs /tmp
+. /scenarios.sh
+scenarios=$(arg scenario)
+for s in $(echo "${scenarios:-default}" | tr ',' ' '); do
+    say "scenario $s"
+    "scenario_$s"
+done
 end=$(arg end)
 say "end: ${end:-poweroff}"
 case "$end" in
     reboot) reboot -f ;;
-    shell) exec sh ;;
+    halt) halt -f ;;
+    shell) exec setsid cttyhack sh ;;
+    wait) while :; do sleep 1; done ;;
     *) poweroff -f ;;
 esac
 EOF
 chmod 755 "$rootfs/init"
 
-(cd "$rootfs" && { find . -mindepth 1 | LC_ALL=C sort; } | cpio -o -H newc --quiet -R 0:0) >"$work/rootfs.cpio"
-# /dev/console for the kernel's first open, before devtmpfs: appended as its own archive.
-python3 - "$work/console.cpio" <<'EOF'
-import sys
-# One newc entry (dev/console, char 5:1, mode 0600) and the trailer.
-def entry(name, mode, rmaj=0, rmin=0):
-    name = name.encode() + b"\0"
-    hdr = "070701" + "".join(f"{v:08X}" for v in (0, mode, 0, 0, 1, 0, 0, 0, 0, rmaj, rmin, len(name), 0))
-    data = hdr.encode() + name
-    return data + b"\0" * (-len(data) % 4)
-blob = entry("dev", 0o040755) + entry("dev/console", 0o020600, 5, 1) + entry("TRAILER!!!", 0)
-blob += b"\0" * (-len(blob) % 512)
-open(sys.argv[1], "wb").write(blob)
-EOF
 # Uncompressed: the guest kernel's own code is emulated on PVM hosts, where gunzip costs minutes.
-cat "$work/rootfs.cpio" "$work/console.cpio" >"$out/initrd.img"
+cpio_newc "$rootfs" "$out/initrd.img"
 
 mkdir -p "$work/disk"
 echo "hello from the host's ext4 image" >"$work/disk/hello.txt"

@@ -77,7 +77,11 @@ pub enum VmExit<'a> {
         len: usize,
         bitness: u32,
     },
-    /// An exit with no payload a handler needs (shutdown, interrupted, ...).
+    /// KVM_EXIT_SHUTDOWN (a triple fault): the vCPU's state when it happened, for the report.
+    Shutdown {
+        state: String,
+    },
+    /// An exit with no payload a handler needs (interrupted, ...).
     Plain,
 }
 
@@ -304,9 +308,14 @@ fn vmexit_wrmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     VmExitAction::Continue
 }
 
-/// KVM reports a triple fault as a shutdown exit.
-fn vmexit_shutdown(ctx: &VcpuCtx<'_>, _exit: &mut VmExit<'_>) -> VmExitAction {
-    log::info!("vcpu {}: triple fault", ctx.id);
+/// KVM reports a triple fault as a shutdown exit. The vCPU's state goes to stderr: a triple
+/// fault is the guest's end, and the registers are the only evidence of why.
+fn vmexit_shutdown(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
+    let state = match exit {
+        VmExit::Shutdown { state } => state.as_str(),
+        _ => "",
+    };
+    eprint!("rhyve: vcpu {}: triple fault: {state}\r\n", ctx.id);
     VmExitAction::Suspend(SuspendReason::TripleFault)
 }
 
@@ -524,6 +533,9 @@ fn decode(run: &mut kvm_run, run_size: usize, extras: ExitExtras) -> VmExit<'_> 
                 bitness: extras.bitness,
             }
         }
+        KVM_EXIT_SHUTDOWN => VmExit::Shutdown {
+            state: extras.fault_state.unwrap_or_default(),
+        },
         _ => VmExit::Plain,
     }
 }
@@ -557,6 +569,36 @@ struct ExitExtras {
     bitness: u32,
     /// For a (PVM-filtered) IA32_APIC_BASE read: KVM's own value of it.
     msr_value: Option<u64>,
+    /// For a triple fault: the vCPU's registers, descriptor tables and pending events.
+    fault_state: Option<String>,
+}
+
+/// The state a triple fault leaves: where the vCPU was, its mode and tables, and the event
+/// KVM was delivering (the fault that could not be delivered is usually the last one).
+fn fault_state(vcpu: &VcpuFd) -> String {
+    let mut out = String::new();
+    if let Ok(r) = vcpu.get_regs() {
+        out += &format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        );
+    }
+    if let Ok(s) = vcpu.get_sregs() {
+        out += &format!(
+            "; cs {:#x} (l {} dpl {}) ss {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x} gdt {:#x}/{:#x} tr {:#x} base {:#x}",
+            s.cs.selector, s.cs.l, s.cs.dpl, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.idt.base, s.idt.limit, s.gdt.base, s.gdt.limit, s.tr.selector, s.tr.base
+        );
+    }
+    if let Ok(e) = vcpu.get_vcpu_events() {
+        out += &format!(
+            "; exception injected {} pending {} nr {} error {:#x} (has {}); interrupt injected {} nr {}; nmi injected {} pending {}",
+            e.exception.injected, e.exception.pending, e.exception.nr, e.exception.error_code,
+            e.exception.has_error_code, e.interrupt.injected, e.interrupt.nr,
+            e.nmi.injected, e.nmi.pending
+        );
+    }
+    out
 }
 
 fn exit_extras(vcpu: &mut VcpuFd) -> ExitExtras {
@@ -579,7 +621,12 @@ fn exit_extras(vcpu: &mut VcpuFd) -> ExitExtras {
     let msr_value = (reason == KVM_EXIT_X86_RDMSR && msr_index == crate::hypervisor::MSR_APIC_BASE)
         .then(|| crate::hypervisor::get_msr(vcpu, msr_index))
         .flatten();
-    ExitExtras { bitness, msr_value }
+    let fault_state = (reason == KVM_EXIT_SHUTDOWN).then(|| fault_state(vcpu));
+    ExitExtras {
+        bitness,
+        msr_value,
+        fault_state,
+    }
 }
 
 /// Whether this vCPU can only be woken by another CPU or an NMI: halted with RFLAGS.IF clear,

@@ -216,3 +216,179 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// Panics unless this host's KVM has hardware-virtualization semantics (VT-x/AMD-V, or the
+/// nested harness's SVM): real Linux user space cannot run on PVM.
+pub fn require_hw_kvm() {
+    require_kvm();
+    assert!(
+        !rhyve::hypervisor::cpuid::host_is_pvm(),
+        "this test needs a KVM that can run Linux user space, and this host's is PVM: run it \
+         in the nested harness (scripts/nested.sh; scripts/test.sh does)"
+    );
+}
+
+/// The Debian test guest's directory (scripts/build-debian-guest.sh, built once per machine).
+pub fn debian_guest() -> PathBuf {
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/build-debian-guest.sh"
+    ))
+    .output()
+    .expect("run scripts/build-debian-guest.sh");
+    assert!(
+        out.status.success(),
+        "cannot build the Debian test guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The script's last line is the directory.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+}
+
+/// `-o boot.kernel=... -o boot.initrd=... -o boot.cmdline=CMDLINE` for the test guest in
+/// `g`, after `args`: the whole rhyve command line, ending with the VM name.
+pub fn with_debian_guest(g: &Path, args: &[&str], cmdline: &str, name: &str) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    v.extend([
+        "-o".into(),
+        format!("boot.kernel={}", g.join("vmlinuz").display()),
+        "-o".into(),
+        format!("boot.initrd={}", g.join("initrd.img").display()),
+        "-o".into(),
+        format!("boot.cmdline={cmdline}"),
+        name.into(),
+    ]);
+    v
+}
+
+/// A booting Linux guest whose console (rhyve's stdout) is read line by line. Deadlines are
+/// about progress, not wall time: a boot fails when its console is silent for `stall`
+/// (emulated hosts are slow, and a shared machine slower still), when the kernel panics, or
+/// after `limit` in all.
+pub struct LinuxGuest {
+    pub tag: String,
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub console: String,
+    start: Instant,
+    pub stall: Duration,
+    pub limit: Duration,
+}
+
+impl LinuxGuest {
+    pub fn new(tag: &str, mut child: Child) -> LinuxGuest {
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        LinuxGuest {
+            tag: tag.into(),
+            child: Some(child),
+            lines: rx,
+            console: String::new(),
+            start: Instant::now(),
+            stall: Duration::from_secs(300),
+            limit: Duration::from_secs(2400),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Reads console lines until one contains `want` (returns it), or the console ends,
+    /// stalls, panics or runs out of time (returns None).
+    pub fn wait_for(&mut self, want: &str) -> Option<String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut last = Instant::now();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    last = Instant::now();
+                    let line = line.trim_end_matches('\r').to_string();
+                    if line.contains("rhyve-guest:") || line.contains("Run /init") {
+                        eprintln!(
+                            "[{} {:6.1} s] {line}",
+                            self.tag,
+                            self.start.elapsed().as_secs_f64()
+                        );
+                    }
+                    self.console.push_str(&line);
+                    self.console.push('\n');
+                    if line.contains("Kernel panic - not syncing") {
+                        // Let the panic's lines arrive, then stop.
+                        std::thread::sleep(Duration::from_secs(2));
+                        while let Ok(l) = self.lines.try_recv() {
+                            self.console.push_str(&l);
+                            self.console.push('\n');
+                        }
+                        return None;
+                    }
+                    if !want.is_empty() && line.contains(want) {
+                        return Some(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout)
+                    if last.elapsed() < self.stall && self.start.elapsed() < self.limit => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reads the console to its end and waits for rhyve's exit (killing it if the console
+    /// stalled); returns the exit.
+    pub fn finish(&mut self) -> Run {
+        self.wait_for("");
+        let child = self.child.take().expect("finish once");
+        let r = wait_with_deadline(child, Duration::from_secs(60));
+        eprintln!(
+            "[{} {:6.1} s] rhyve exited with status {}",
+            self.tag,
+            self.start.elapsed().as_secs_f64(),
+            r.code()
+        );
+        r
+    }
+
+    /// Panics, showing the whole console and rhyve's stderr, unless every line of `want`
+    /// appeared on the console.
+    pub fn assert_lines(&self, r: &Run, want: &[&str]) {
+        for w in want {
+            assert!(
+                self.console.contains(w),
+                "[{}] the guest never printed {w:?}\nrhyve's stderr: {}\nconsole:\n{}",
+                self.tag,
+                r.stderr,
+                self.console
+            );
+        }
+    }
+
+    /// The rest of the first console line that starts with "rhyve-guest: {label}".
+    pub fn guest_value(&self, label: &str) -> Option<String> {
+        let key = format!("rhyve-guest: {label}");
+        self.console
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map(|v| v.trim().to_string())
+    }
+}
+
+impl Drop for LinuxGuest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
