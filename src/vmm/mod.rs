@@ -5,6 +5,7 @@ pub mod control;
 pub mod profile;
 pub mod vcpu;
 pub mod vmexit;
+pub mod xmsr;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -66,6 +67,8 @@ pub struct VmShared {
     pub strictio: bool,
     /// x86.strictmsr (cleared by `-w`): unimplemented MSRs raise #GP.
     pub strictmsr: bool,
+    /// The CPU vendor the guest sees, which decides the vendor MSRs rhyve answers (`xmsr`).
+    pub vendor: cpuid::Vendor,
     /// Exit counts and RIP samples, when asked for (`debug.exit_stats`, `debug.rip_samples`).
     pub profile: Option<Arc<profile::Profile>>,
 }
@@ -157,22 +160,23 @@ impl Vm {
         };
         hypervisor::create_irqchip(&vm_fd, pvm)?;
 
-        let shared = Arc::new(VmShared {
-            ctl: Arc::new(VmControl::new()),
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            strictio: cfg.get_bool("x86.strictio", false)?,
-            strictmsr: cfg.get_bool("x86.strictmsr", true)?,
-            profile: Self::profile(cfg, cpus)?,
-        });
-
-        // vCPUs: KVM wants them created before the guest runs; threads start later.
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|err| HvError::Kvm {
                 what: "KVM_GET_SUPPORTED_CPUID",
                 err,
             })?;
+        let shared = Arc::new(VmShared {
+            ctl: Arc::new(VmControl::new()),
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            strictio: cfg.get_bool("x86.strictio", false)?,
+            strictmsr: cfg.get_bool("x86.strictmsr", true)?,
+            vendor: cpuid::Vendor::of(&supported),
+            profile: Self::profile(cfg, cpus)?,
+        });
+
+        // vCPUs: KVM wants them created before the guest runs; threads start later.
         let mut vcpus = Vec::with_capacity(cpus as usize);
         for id in 0..cpus {
             let table = cpuid::for_vcpu(&supported, id, &topo, pvm);

@@ -250,7 +250,13 @@ fn vmexit_mmio(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     VmExitAction::Continue
 }
 
-/// Only MSRs KVM does not implement come here (KVM_MSR_EXIT_REASON_UNKNOWN).
+/// Where a #GP for an MSR nobody implements is logged: `-v`. A guest kernel probes such MSRs
+/// routinely, with accessors that expect the #GP (Linux: perf's LBR and RAPL probes, PPIN,
+/// chicken bits for other CPU models), so at the default level they only looked like faults.
+const UNKNOWN_MSR_LOG: log::Level = log::Level::Info;
+
+/// Only MSRs KVM does not implement come here (KVM_MSR_EXIT_REASON_UNKNOWN); rhyve answers a
+/// few vendor MSRs itself (`xmsr`) and raises #GP for the rest, unless `-w`.
 fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     static LOGGED: AtomicU64 = AtomicU64::new(0);
     let VmExit::Rdmsr {
@@ -274,9 +280,15 @@ fn vmexit_rdmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
         **error = 0;
         return VmExitAction::Continue;
     }
+    if let Some(value) = super::xmsr::emulate_rdmsr(ctx.vm.vendor, *index) {
+        **data = value;
+        **error = 0;
+        return VmExitAction::Continue;
+    }
     if ctx.vm.strictmsr {
         if rate_limited(&LOGGED, 100) {
-            log::warn!(
+            log::log!(
+                UNKNOWN_MSR_LOG,
                 "rdmsr of unimplemented MSR {index:#x} on vcpu {}: #GP injected (-w ignores it)",
                 ctx.id
             );
@@ -294,9 +306,14 @@ fn vmexit_wrmsr(ctx: &VcpuCtx<'_>, exit: &mut VmExit<'_>) -> VmExitAction {
     let VmExit::Wrmsr { index, data, error } = exit else {
         return mismatched(ctx);
     };
+    if super::xmsr::emulate_wrmsr(ctx.vm.vendor, *index, *data) {
+        **error = 0;
+        return VmExitAction::Continue;
+    }
     if ctx.vm.strictmsr {
         if rate_limited(&LOGGED, 100) {
-            log::warn!(
+            log::log!(
+                UNKNOWN_MSR_LOG,
                 "wrmsr {data:#x} to unimplemented MSR {index:#x} on vcpu {}: #GP injected (-w ignores it)",
                 ctx.id
             );
@@ -719,6 +736,125 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::cpuid::Vendor;
+    use std::sync::{Arc, Mutex};
+
+    fn shared(vendor: Vendor, strictmsr: bool) -> VmShared {
+        VmShared {
+            ctl: Arc::new(super::super::control::VmControl::new()),
+            pio: Arc::new(crate::bus::Bus::new()),
+            mmio: Arc::new(crate::bus::Bus::new()),
+            strictio: false,
+            strictmsr,
+            profile: None,
+            vendor,
+        }
+    }
+
+    fn rdmsr(vm: &VmShared, index: u32) -> (u64, u8) {
+        let (mut data, mut error) = (0xdead_u64, 0xff_u8);
+        let action = vmexit_rdmsr(
+            &VcpuCtx { id: 1, vm },
+            &mut VmExit::Rdmsr {
+                index,
+                data: &mut data,
+                error: &mut error,
+                kvm_value: None,
+            },
+        );
+        assert_eq!(action, VmExitAction::Continue);
+        (data, error)
+    }
+
+    fn wrmsr(vm: &VmShared, index: u32, data: u64) -> u8 {
+        let mut error = 0xff_u8;
+        let action = vmexit_wrmsr(
+            &VcpuCtx { id: 1, vm },
+            &mut VmExit::Wrmsr {
+                index,
+                data,
+                error: &mut error,
+            },
+        );
+        assert_eq!(action, VmExitAction::Continue);
+        error
+    }
+
+    /// Records what rhyve logs, for the one test that looks (lib tests install no logger).
+    struct Capture;
+    static RECORDS: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            RECORDS
+                .lock()
+                .unwrap()
+                .push((r.level(), r.args().to_string()));
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture;
+
+    #[test]
+    fn vendor_msrs_are_answered_and_unknown_ones_fault_quietly() {
+        log::set_logger(&CAPTURE).expect("no other logger in lib tests");
+        log::set_max_level(log::LevelFilter::Trace);
+
+        let msr_logs = || {
+            RECORDS
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, m)| m.contains("MSR"))
+                .count()
+        };
+        let intel = shared(Vendor::Intel, true);
+        assert_eq!(
+            rdmsr(&intel, 0x3a),
+            (1, 0),
+            "IA32_FEATURE_CONTROL: locked, VMX off"
+        );
+        assert_eq!(rdmsr(&intel, 0x17), (0, 0), "IA32_PLATFORM_ID");
+        let amd = shared(Vendor::Amd, true);
+        assert_eq!(
+            rdmsr(&amd, 0xc001_1029),
+            (2, 0),
+            "DE_CFG: LFENCE serializing"
+        );
+        assert_eq!(wrmsr(&amd, 0xc001_1029, 2), 0);
+        assert_eq!(msr_logs(), 0, "emulated MSRs are quiet");
+        assert_eq!(wrmsr(&intel, 0x3a, 0x5), 1, "a locked MSR faults");
+        // The other vendor's MSR, and LS_CFG, fault.
+        assert_eq!(rdmsr(&amd, 0x3a).1, 1);
+        assert_eq!(rdmsr(&amd, 0xc001_1020).1, 1);
+        // Enough faults that the rate limit lets some through to the log.
+        for _ in 0..300 {
+            assert_eq!(rdmsr(&intel, 0xc0de_0001).1, 1);
+            assert_eq!(wrmsr(&intel, 0xc0de_0002, 7), 1);
+        }
+        // -w: unknown MSRs read 0 and take writes; the emulated ones keep their answers.
+        let lax = shared(Vendor::Intel, false);
+        assert_eq!(rdmsr(&lax, 0xc0de_0003), (0, 0));
+        assert_eq!(wrmsr(&lax, 0xc0de_0004, 1), 0);
+        assert_eq!(rdmsr(&lax, 0x3a), (1, 0));
+
+        let records = RECORDS.lock().unwrap();
+        let ours: Vec<_> = records
+            .iter()
+            .filter(|(_, m)| m.contains("MSR 0xc0de000"))
+            .collect();
+        assert!(
+            ours.iter().any(|(_, m)| m.contains("0xc0de0001"))
+                && ours.iter().any(|(_, m)| m.contains("0xc0de0002")),
+            "unknown MSRs are still logged: {ours:?}"
+        );
+        assert!(
+            ours.iter().all(|(l, _)| *l > log::Level::Warn),
+            "not at the default level: {ours:?}"
+        );
+    }
 
     #[test]
     fn emulation_assists_cover_exactly_the_known_instructions() {
