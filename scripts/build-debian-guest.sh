@@ -102,7 +102,7 @@ say "end: ${end:-poweroff}"
 case "$end" in
     reboot) reboot -f ;;
     halt) halt -f ;;
-    shell) exec setsid cttyhack sh ;;
+    shell) setsid cttyhack sh; poweroff -f ;;
     wait) while :; do sleep 1; done ;;
     *) poweroff -f ;;
 esac

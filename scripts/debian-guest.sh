@@ -13,7 +13,11 @@ g=$(scripts/build-debian-guest.sh)
 disk=$(mktemp --suffix=.ext4)
 trap 'rm -f "$disk"' EXIT
 cp "$g/disk.ext4" "$disk"
-cmdline="console=ttyS0 vdso32=0 mitigations=off nowatchdog no-kvmclock rodata=off cryptomgr.notests init_on_alloc=0 panic=1"
+cmdline="console=ttyS0"
+# On PVM, fewer things for the emulated kernel to spend minutes on, and int 0x80 for user space.
+if [ "$(scripts/kvm-kind.sh 2>/dev/null)" = pvm ]; then
+    cmdline="$cmdline vdso32=0 mitigations=off nowatchdog no-kvmclock rodata=off cryptomgr.notests init_on_alloc=0 panic=1"
+fi
 set -x
 target/release/rhyve -c 2 -m 512M -l com1,stdio -s "2,virtio-blk,$disk" -s 3,virtio-rnd \
     -o "boot.kernel=$g/vmlinuz" -o "boot.initrd=$g/initrd.img" -o "boot.cmdline=$cmdline" "$@" debian

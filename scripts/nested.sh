@@ -4,17 +4,22 @@
 # KVM with hardware-virtualization semantics. L1's root is this host's root, shared with
 # virtiofsd, so the command sees the same files (the checkout, target/, installed tools) in
 # the same current directory; /dev (with /dev/kvm), /proc, /sys, /tmp and /run are L1's own.
-#   scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-v] COMMAND [ARGS...]
+#   scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-i] [-v] COMMAND [ARGS...]
 # Prints what the command prints (on L1's serial console) and exits with its status (125 if
-# L1 itself failed). -v also shows L1's kernel log. Timings inside L1 are emulation timings.
+# L1 itself failed). -i passes this terminal's input to the command (an interactive guest
+# console); without it the command's input is empty. -v also shows L1's kernel log. Timings inside L1 are emulation timings.
+# L1 runs without transparent huge pages: with them, L1's kernel panicked now and then
+# ("corrupted stack end detected inside scheduler" on a rhyve vCPU thread) while L2 guests
+# ran; see README.md, "The nested harness".
 set -euo pipefail
-cpus=${RHYVE_L1_CPUS:-2} mem=${RHYVE_L1_MEM:-4G} quiet=quiet
-while getopts c:m:v opt; do
+cpus=${RHYVE_L1_CPUS:-2} mem=${RHYVE_L1_MEM:-4G} quiet=quiet input=/dev/null
+while getopts c:m:iv opt; do
     case $opt in
         c) cpus=$OPTARG ;;
         m) mem=$OPTARG ;;
+        i) input=/dev/stdin ;;
         v) quiet= ;;
-        *) echo "usage: scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-v] COMMAND [ARGS...]" >&2; exit 2 ;;
+        *) echo "usage: scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-i] [-v] COMMAND [ARGS...]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -57,8 +62,8 @@ qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64,+svm,+npt -smp "$cpus" -m
     -chardev "socket,id=fs,path=$sock" -device vhost-user-fs-pci,chardev=fs,tag=host \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$l1/vmlinuz" -initrd "$l1/initrd.img" \
-    -append "console=ttyS0 panic=-1 $quiet mitigations=off l1.run=$script l1.status=$status" \
-    </dev/null || true
+    -append "console=ttyS0 panic=-1 $quiet mitigations=off transparent_hugepage=never l1.run=$script l1.status=$status" \
+    <"$input" || true
 if ! [ -s "$status" ]; then
     echo "nested: L1 ended without the command's exit status (rerun with -v for L1's kernel log)" >&2
     exit 125

@@ -19,12 +19,15 @@ mode=${1:-all}
 scripts/setup.sh
 kind=$(scripts/kvm-kind.sh 2>/tmp/rhyve-kvm-kind.$$ || true)
 echo "test: this host's KVM: $kind ($(cat /tmp/rhyve-kvm-kind.$$ 2>/dev/null; rm -f /tmp/rhyve-kvm-kind.$$))" >&2
-# L1 gets 4 vCPUs: a 4-vCPU guest in an L1 with 2 panicked L1's kernel once (issue 9).
+# L1 gets 4 vCPUs (a 4-vCPU guest in an L1 with 2 panicked L1's kernel once), and runs one
+# test, so one rhyve VM, at a time: with several L2 VMs at once, L1's kernel panicked
+# ("corrupted stack end detected inside scheduler" on a rhyve vCPU thread) or hung, in 3 of 4
+# runs here; with one at a time it did not (README.md, "The nested harness").
 nested="scripts/nested.sh -c 4"
 case $kind in
-    hw) here="" ; rg="" ;;
-    pvm) here="" ; rg=$nested ;;
-    *) here=$nested ; rg=$nested ;;
+    hw) here="" ; rg="" ; threads=() ; rgthreads=(--test-threads=2) ;;
+    pvm) here="" ; rg=$nested ; threads=() ; rgthreads=(--test-threads=1) ;;
+    *) here=$nested ; rg=$nested ; threads=(--test-threads=1) ; rgthreads=(--test-threads=1) ;;
 esac
 if [ "$mode" = "--fast" ]; then
     cargo test --lib --no-run --quiet
@@ -43,21 +46,20 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 export CARGO_TERM_COLOR=never
 status=0
-skip_linux=()
-if [ "$kind" != pvm ]; then
-    echo "test: not running tests/linux.rs' *_on_pvm boots: this host's KVM is not PVM" >&2
-    skip_linux=(--skip _on_pvm)
-fi
+[ "$kind" = pvm ] || echo "test: not running tests/linux.rs (its boots are about PVM hosts): this host's KVM is not PVM" >&2
 set +e
-if [ "$mode" = "--no-linux" ]; then
-    $here cargo test --no-fail-fast -- --skip debian_guest --skip real_guest 2>&1 | tee -a "$log"
-    status=${PIPESTATUS[0]}
-else
-    $here cargo test --no-fail-fast -- --skip debian_guest --skip real_guest 2>&1 | tee -a "$log"
-    status=${PIPESTATUS[0]}
-    # The Linux guests with the release build: their devices move megabytes.
-    $rg cargo test --release --no-fail-fast --test real_guest --test linux -- --test-threads=2 \
-        "${skip_linux[@]}" 2>&1 | tee -a "$log"
+$here cargo test --no-fail-fast -- --skip debian_guest --skip real_guest "${threads[@]}" 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+if [ "$mode" != "--no-linux" ]; then
+    # The Linux guests with the release build: their devices move megabytes. The PVM boots
+    # run on the host, and only on a PVM host.
+    if [ "$kind" = pvm ]; then
+        cargo test --release --no-fail-fast --test linux -- --nocapture 2>&1 | tee -a "$log"
+        s=${PIPESTATUS[0]}
+        [ "$s" -eq 0 ] || status=$s
+    fi
+    $rg cargo test --release --no-fail-fast --test real_guest -- --nocapture "${rgthreads[@]}" \
+        2>&1 | tee -a "$log"
     s=${PIPESTATUS[0]}
     [ "$s" -eq 0 ] || status=$s
 fi
