@@ -118,6 +118,8 @@ fn vcpu_threads_are_named_and_pinned_with_p_and_sigterm_powers_off() {
         "vm",
     ]);
     let pid = child.id();
+    let mut g = LinuxGuest::new("spin", child);
+    assert!(g.wait_for("spinning").is_some(), "{}", g.console);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let t = threads_of(pid);
@@ -135,20 +137,21 @@ fn vcpu_threads_are_named_and_pinned_with_p_and_sigterm_powers_off() {
     // SIGTERM is the power button: the VM stops with status 1 (powered off).
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let r = wait_with_deadline(child, Duration::from_secs(20));
+    let r = g.finish();
     assert_eq!(r.code(), 1, "{}", r.stderr);
-    assert!(r.stdout.contains("spinning"));
 }
 
 #[test]
 fn sigint_stops_the_vm_with_status_4() {
     require_kvm();
     let bootrom = format!("bootrom,{}", rom("spin"));
-    let child = spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut g = LinuxGuest::new("spin", spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]));
+    // Judged by the guest's progress, not a fixed time: signals are blocked until the
+    // VM runs.
+    assert!(g.wait_for("spinning").is_some(), "{}", g.console);
     // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let r = wait_with_deadline(child, Duration::from_secs(20));
+    unsafe { libc::kill(g.pid(), libc::SIGINT) };
+    let r = g.finish();
     assert_eq!(r.code(), 4, "{}", r.stderr);
     assert!(r.stderr.contains("stopped by signal"), "{}", r.stderr);
 }
@@ -250,10 +253,12 @@ fn exit_stats_and_rip_samples_show_where_a_guest_spins() {
         &bootrom,
         "vm",
     ]);
+    let mut g = LinuxGuest::new("spin", child);
+    assert!(g.wait_for("spinning").is_some(), "{}", g.console);
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let r = wait_with_deadline(child, Duration::from_secs(20));
+    unsafe { libc::kill(g.pid(), libc::SIGTERM) };
+    let r = g.finish();
     assert_eq!(r.code(), 1, "{}", r.stderr);
     // The exit table: the greeting's bytes went out through COM1's data port.
     for want in ["rhyve: VM exits by kind", "KVM_EXIT_IO", "I/O port 0x03f8"] {
