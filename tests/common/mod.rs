@@ -298,7 +298,7 @@ impl LinuxGuest {
             console: String::new(),
             start: Instant::now(),
             stall: Duration::from_secs(300),
-            limit: Duration::from_secs(2400),
+            limit: Duration::from_secs(900),
         }
     }
 
@@ -323,7 +323,8 @@ impl LinuxGuest {
                 Ok(line) => {
                     last = Instant::now();
                     let line = line.trim_end_matches('\r').to_string();
-                    if line.contains("rhyve-guest:") || line.contains("Run /init") {
+                    let all = std::env::var_os("RHYVE_TEST_CONSOLE").is_some();
+                    if all || line.contains("rhyve-guest:") || line.contains("Run /init") {
                         eprintln!(
                             "[{} {:6.1} s] {line}",
                             self.tag,
