@@ -138,7 +138,7 @@ const CPUID_TOPOEXT: u32 = 1 << 22;
 const AMD_CACHE_LEAF: u32 = 0x8000_001d;
 const AMD_TOPOLOGY_LEAF: u32 = 0x8000_001e;
 
-/// Whether this host's KVM is PVM (a software hypervisor; DESIGN.md §3).
+/// Whether this host's KVM is PVM (a software hypervisor, module kvm_pvm; README.md).
 pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// GSIs below this are the I/O APIC's pins.
 pub const FIRST_MSI_GSI: u32 = 24;
-/// KVM's routing table limit on this host (DESIGN.md §3: 4096 GSIs).
+/// KVM's routing table limit on this host (4096 GSIs measured on PVM).
 pub const MAX_GSI: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]

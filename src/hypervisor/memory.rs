@@ -1,4 +1,4 @@
-//! Guest physical memory by the bhyve amd64 map (DESIGN.md §2), and the KVM memory slots for it.
+//! Guest physical memory by the bhyve amd64 map (README.md, ARCHITECTURE.md), and the KVM memory slots for it.
 //!
 //! RAM is anonymous `MAP_NORESERVE` memory (vm-memory), so a large `-m` costs nothing until the
 //! guest touches it. The boot ROM is a private copy mapped read-only; its variable store is the

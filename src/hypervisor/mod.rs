@@ -105,7 +105,7 @@ pub fn create_irqchip(vm: &VmFd, pvm: bool) -> Result<(), HvError> {
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     // Unknown MSRs come to rhyve, which injects #GP or ignores them per x86.strictmsr (-w).
     // On PVM, reads of IA32_APIC_BASE come too: PVM answers them with 0, so a guest would think
-    // it has no local APIC (DESIGN.md §3); rhyve answers with the architectural value.
+    // it has no local APIC; rhyve answers with the architectural value.
     let reasons = KVM_MSR_EXIT_REASON_UNKNOWN | if pvm { KVM_MSR_EXIT_REASON_FILTER } else { 0 };
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,

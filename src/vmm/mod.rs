@@ -197,7 +197,7 @@ impl Vm {
                 let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
                 if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
                     // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the
-                    // SMAP and SSSE3 paths (DESIGN.md §3). -o boot.pvm_cmdline=false drops it.
+                    // SMAP and SSSE3 paths. -o boot.pvm_cmdline=false drops it.
                     cmdline.push_str(PVM_CMDLINE);
                     // Linux calibrates the TSC against the PIT or the PM timer in loops that
                     // emulation makes too slow to trust (it then falls back to the PM timer,

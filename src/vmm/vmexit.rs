@@ -28,7 +28,7 @@ pub enum VmExitAction {
     Assist(Assist),
 }
 
-/// What to do for an instruction PVM's emulator gave up on (DESIGN.md §3).
+/// What to do for an instruction PVM's emulator gave up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Assist {
     /// Step over it (`fwait`: no x87 exception can be pending here).
