@@ -4,7 +4,7 @@
 //! printed, or on what the host sees afterwards (the disk images, the tap, the sockets).
 //!
 //! These need a KVM that can run Linux user space: hardware KVM, or the nested harness's
-//! (DESIGN: QEMU's TCG with an SVM CPU as the outer guest; `scripts/nested.sh`). On a PVM host
+//! (QEMU's TCG with an SVM CPU as the outer guest; `scripts/nested.sh`, README.md). On a PVM host
 //! each test fails saying so; `scripts/test.sh` runs this file in the nested harness there and
 //! on hosts without /dev/kvm. Timings inside the harness are emulation timings: deadlines
 //! follow the console's progress (`LinuxGuest`), not the clock.
