@@ -11,8 +11,8 @@
 //!   ELF entered through the PVH note does the same without the guest-side decompressor;
 //! - user space then stops at its first system call, on both paths PVM offers: the 32-bit
 //!   busybox's `int 0x80` is turned into #UD, and the 64-bit busybox's `syscall` lands on the
-//!   kernel's entry_SYSCALL_64 still at CPL3 (CS 0x33), which faults. These are PVM defects
-//!  ; the tests pin them down so that a host that fixes them is noticed;
+//!   kernel's entry_SYSCALL_64 still at CPL3 (CS 0x33), which faults. These are PVM defects;
+//!   the tests pin them down so that a host that fixes them is noticed;
 //! - the kernel's own panic reboot (`panic=1`) resets through rhyve: status 0.
 //!
 //! On a host without those defects (hardware KVM, or the nested harness) the same boots go on
