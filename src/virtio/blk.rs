@@ -281,6 +281,60 @@ fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> bool {
     unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) == 0 }
 }
 
+/// Ranges a DISCARD or WRITE_ZEROES request may carry (the config space says one).
+const RANGES_MAX: usize = 1;
+/// `virtio_blk_discard_write_zeroes.flags`: the only flag, and only for WRITE_ZEROES.
+const WZ_FLAG_UNMAP: u32 = 1;
+
+/// The byte ranges of a DISCARD or WRITE_ZEROES request, all checked against the disk before
+/// any is acted on: its data is whole 16-byte {sector u64, num_sectors u32, flags u32}
+/// entries, at most RANGES_MAX of them, each inside the disk. Err is the status to answer.
+fn ranges(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, u32)],
+    kind: u32,
+    disk_size: u64,
+) -> Result<Vec<(u64, u64)>, u8> {
+    const ENTRY: usize = 16;
+    let total = segs
+        .iter()
+        .try_fold(0usize, |acc, s| acc.checked_add(s.1 as usize))
+        .ok_or(S_IOERR)?;
+    if total == 0 || total % ENTRY != 0 || total / ENTRY > RANGES_MAX {
+        return Err(S_IOERR);
+    }
+    let mut data = vec![0u8; total];
+    let mut at = 0usize;
+    for (addr, len) in segs {
+        let end = at.checked_add(*len as usize).ok_or(S_IOERR)?;
+        let dst = data.get_mut(at..end).ok_or(S_IOERR)?;
+        mem.read_slice(dst, *addr).map_err(|_| S_IOERR)?;
+        at = end;
+    }
+    let allowed = if kind == T_WRITE_ZEROES {
+        WZ_FLAG_UNMAP
+    } else {
+        0
+    };
+    data.chunks_exact(ENTRY)
+        .map(|e| {
+            let field = |r: std::ops::Range<usize>| e.get(r).ok_or(S_IOERR);
+            let sector = u64::from_le_bytes(field(0..8)?.try_into().map_err(|_| S_IOERR)?);
+            let count = u32::from_le_bytes(field(8..12)?.try_into().map_err(|_| S_IOERR)?);
+            let flags = u32::from_le_bytes(field(12..16)?.try_into().map_err(|_| S_IOERR)?);
+            if flags & !allowed != 0 {
+                return Err(S_UNSUPP);
+            }
+            let off = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
+            let len = u64::from(count).checked_mul(SECTOR).ok_or(S_IOERR)?;
+            match off.checked_add(len) {
+                Some(end) if end <= disk_size => Ok((off, len)),
+                _ => Err(S_IOERR),
+            }
+        })
+        .collect()
+}
+
 /// Executes one request against the disk; returns (status, bytes written to the guest).
 fn execute(disk: &Disk, mem: &GuestMemoryMmap, r: &Request) -> (u8, u32) {
     let total: u64 = r.segs.iter().map(|s| u64::from(s.1)).sum();
@@ -355,42 +409,32 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, r: &Request) -> (u8, u32) {
             if disk.ro || (r.kind == T_DISCARD && !disk.discard) {
                 return (S_UNSUPP, 0);
             }
-            // Segments of {sector u64, num_sectors u32, flags u32}.
-            for (addr, len) in &r.segs {
-                let mut p = *addr;
-                let end = addr.0 + u64::from(*len);
-                while p.0 + 16 <= end {
-                    let (Ok(sector), Ok(count)) = (
-                        mem.read_obj::<u64>(p),
-                        mem.read_obj::<u32>(GuestAddress(p.0 + 8)),
-                    ) else {
-                        return (S_IOERR, 0);
-                    };
-                    let (o, l) = (sector.saturating_mul(SECTOR), u64::from(count) * SECTOR);
-                    if o.checked_add(l).is_none_or(|e| e > disk.size) {
+            let ranges = match ranges(mem, &r.segs, r.kind, disk.size) {
+                Ok(v) => v,
+                Err(status) => return (status, 0),
+            };
+            let mode = if r.kind == T_DISCARD {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            for (o, l) in ranges {
+                if fallocate(&disk.file, mode, o, l) {
+                    continue;
+                }
+                if r.kind == T_DISCARD {
+                    return (S_UNSUPP, 0);
+                }
+                // No ZERO_RANGE here (a block device): write zeros. `ranges` checked that
+                // o + l is within the disk, so nothing below can overflow.
+                let zeros = vec![0u8; 64 << 10];
+                let mut at = o;
+                while at < o + l {
+                    let n = (o + l - at).min(zeros.len() as u64) as usize;
+                    if disk.file.write_all_at(&zeros[..n], at).is_err() {
                         return (S_IOERR, 0);
                     }
-                    let mode = if r.kind == T_DISCARD {
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                    } else {
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                    };
-                    if !fallocate(&disk.file, mode, o, l) {
-                        if r.kind == T_DISCARD {
-                            return (S_UNSUPP, 0);
-                        }
-                        // No ZERO_RANGE here (a block device): write zeros.
-                        let zeros = vec![0u8; 64 << 10];
-                        let mut at = o;
-                        while at < o + l {
-                            let n = (o + l - at).min(zeros.len() as u64) as usize;
-                            if disk.file.write_all_at(&zeros[..n], at).is_err() {
-                                return (S_IOERR, 0);
-                            }
-                            at += n as u64;
-                        }
-                    }
-                    p = GuestAddress(p.0 + 16);
+                    at += n as u64;
                 }
             }
             (S_OK, 0)
@@ -790,6 +834,70 @@ mod tests {
             Some((S_UNSUPP, 0))
         );
         assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0x5a));
+        std::fs::remove_file(path).unwrap();
+    }
+    /// One {sector, num_sectors, flags} entry at 0x2000.
+    fn range(m: &GuestMemoryMmap, sector: u64, count: u32, flags: u32) {
+        m.write_obj(sector, GuestAddress(0x2000)).unwrap();
+        m.write_obj(count, GuestAddress(0x2008)).unwrap();
+        m.write_obj(flags, GuestAddress(0x200c)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_file_and_hostile_ranges_fail_with_nothing_changed() {
+        let m = mem();
+        let (d, path) = disk("dwz", false);
+        let ok = [(0x1000, 16, NEXT), (0x2000, 16, NEXT), (0x3000, 1, WRITE)];
+        // Write-zeroes of sectors 2..4 (with the unmap flag), then a discard of sector 8.
+        header(&m, T_WRITE_ZEROES, 0);
+        range(&m, 2, 2, WZ_FLAG_UNMAP);
+        assert_eq!(run(&m, &d, &ok), Some((S_OK, 0)));
+        header(&m, T_DISCARD, 0);
+        range(&m, 8, 1, 0);
+        assert_eq!(run(&m, &d, &ok), Some((S_OK, 0)));
+        let data = std::fs::read(&path).unwrap();
+        let zero = |r: std::ops::Range<usize>| data[r].iter().all(|b| *b == 0);
+        assert!(
+            zero(1024..2048) && zero(4096..4608),
+            "zeroed and discarded sectors"
+        );
+        assert!(data[..1024]
+            .iter()
+            .chain(&data[2048..4096])
+            .all(|b| *b == 0x5a));
+        let before = std::fs::read(&path).unwrap();
+        for kind in [T_DISCARD, T_WRITE_ZEROES] {
+            header(&m, kind, 0);
+            range(&m, 0, 1, 0);
+            // A segment whose end wraps the address space (the old code panicked in debug
+            // builds and, wrapped in release builds, answered OK having done nothing).
+            let wraps = [
+                (0x1000, 16, NEXT),
+                (u64::MAX - 7, 16, NEXT),
+                (0x3000, 1, WRITE),
+            ];
+            assert_eq!(run(&m, &d, &wraps), Some((S_IOERR, 0)), "kind {kind}");
+            // No entry at all, and a partial entry: malformed, not OK.
+            let empty = [(0x1000, 16, NEXT), (0x3000, 1, WRITE)];
+            assert_eq!(run(&m, &d, &empty), Some((S_IOERR, 0)), "kind {kind}");
+            let partial = [(0x1000, 16, NEXT), (0x2000, 8, NEXT), (0x3000, 1, WRITE)];
+            assert_eq!(run(&m, &d, &partial), Some((S_IOERR, 0)), "kind {kind}");
+            // More entries than the config space allows.
+            let two = [(0x1000, 16, NEXT), (0x2000, 32, NEXT), (0x3000, 1, WRITE)];
+            assert_eq!(run(&m, &d, &two), Some((S_IOERR, 0)), "kind {kind}");
+            // Past the end of the 64 KiB disk, and a sector number that overflows.
+            range(&m, 127, 2, 0);
+            assert_eq!(run(&m, &d, &ok), Some((S_IOERR, 0)), "kind {kind}");
+            range(&m, u64::MAX / 256, 1, 0);
+            assert_eq!(run(&m, &d, &ok), Some((S_IOERR, 0)), "kind {kind}");
+            // Unknown flags (and unmap on a discard).
+            range(&m, 0, 1, 0x8000_0000);
+            assert_eq!(run(&m, &d, &ok), Some((S_UNSUPP, 0)), "kind {kind}");
+        }
+        header(&m, T_DISCARD, 0);
+        range(&m, 0, 1, WZ_FLAG_UNMAP);
+        assert_eq!(run(&m, &d, &ok), Some((S_UNSUPP, 0)));
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing changed");
         std::fs::remove_file(path).unwrap();
     }
 }
