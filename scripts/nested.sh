@@ -8,6 +8,8 @@
 # Prints what the command prints (on L1's serial console) and exits with its status (125 if
 # L1 itself failed). -i passes this terminal's input to the command (an interactive guest
 # console); without it the command's input is empty. -v also shows L1's kernel log. Timings inside L1 are emulation timings.
+# With RHYVE_L1_MONITOR=PATH, QEMU's monitor listens on that unix socket (scripts/lib/watch.py
+# uses it to ask a stuck L1 for backtraces; L1's kernel takes every magic SysRq key).
 # L1 runs without transparent huge pages: with them, L1's kernel panicked now and then
 # ("corrupted stack end detected inside scheduler" on a rhyve vCPU thread) while L2 guests
 # ran; see README.md, "The nested harness".
@@ -56,13 +58,15 @@ fsd=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { echo "nested: virtiofsd did not start: $(cat "$runs/$id.fsd.log")" >&2; exit 125; }
 
-qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64,+svm,+npt -smp "$cpus" -m "$mem" \
+monitor=()
+[ -z "${RHYVE_L1_MONITOR:-}" ] || monitor=(-monitor "unix:$RHYVE_L1_MONITOR,server,nowait")
+qemu-system-x86_64 "${monitor[@]}" -accel tcg,thread=multi -cpu qemu64,+svm,+npt -smp "$cpus" -m "$mem" \
     -machine pc -nodefaults -display none -no-reboot \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
     -chardev "socket,id=fs,path=$sock" -device vhost-user-fs-pci,chardev=fs,tag=host \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$l1/vmlinuz" -initrd "$l1/initrd.img" \
-    -append "console=ttyS0 panic=-1 $quiet mitigations=off transparent_hugepage=never l1.run=$script l1.status=$status" \
+    -append "console=ttyS0 panic=-1 $quiet mitigations=off transparent_hugepage=never sysrq_always_enabled l1.run=$script l1.status=$status" \
     <"$input" || true
 if ! [ -s "$status" ]; then
     echo "nested: L1 ended without the command's exit status (rerun with -v for L1's kernel log)" >&2

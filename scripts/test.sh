@@ -51,13 +51,44 @@ trap 'rm -f "$log"' EXIT
 export CARGO_TERM_COLOR=never
 status=0
 [ "$kind" = pvm ] || echo "test: not running tests/linux.rs (its boots are about PVM hosts): this host's KVM is not PVM" >&2
+# In the harness each test binary gets its own L1, judged by progress (scripts/lib/watch.py):
+# an L1 that prints nothing for the given time is stopped, with its kernel's backtraces in
+# the log, and that binary runs once more. Stalls are counted in the closing line.
+in_l1() {
+    local stall=$1 rc=0
+    shift
+    for _ in 1 2; do
+        RHYVE_L1_MONITOR=/tmp/rhyve-l1-mon.$$ scripts/lib/watch.py "$stall" $nested "$@"
+        rc=$?
+        rm -f /tmp/rhyve-l1-mon.$$
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 125 ] || return "$rc"
+        echo "test: harness stall: L1 stalled or died (status $rc) running: $*" >&2
+    done
+    return "$rc"
+}
+# Runs "$@" where the KVM tests run (here, or in the harness), appending to the log.
+run() {
+    local stall=$1
+    shift
+    if [ -n "$here" ]; then
+        in_l1 "$stall" "$@" 2>&1 | tee -a "$log"
+    else
+        "$@" 2>&1 | tee -a "$log"
+    fi
+    s=${PIPESTATUS[0]}
+    [ "$s" -eq 0 ] || status=$s
+}
 set +e
-$here cargo test --no-fail-fast --lib --bins 2>&1 | tee -a "$log"
-status=${PIPESTATUS[0]}
-$here cargo test "${prof[@]}" --no-fail-fast --tests -- --skip debian_guest --skip real_guest \
-    "${threads[@]}" 2>&1 | tee -a "$log"
-s=${PIPESTATUS[0]}
-[ "$s" -eq 0 ] || status=$s
+run 300 cargo test --no-fail-fast --lib --bins
+if [ -n "$here" ]; then
+    for t in tests/*.rs; do
+        t=$(basename "$t" .rs)
+        case $t in linux | real_guest) continue ;; esac
+        run 400 cargo test "${prof[@]}" --no-fail-fast --test "$t" -- "${threads[@]}"
+    done
+else
+    run 0 cargo test "${prof[@]}" --no-fail-fast --tests -- --skip debian_guest --skip real_guest
+fi
 if [ "$mode" != "--no-linux" ]; then
     # The Linux guests with the release build: their devices move megabytes. The PVM boots
     # run on the host, and only on a PVM host.
@@ -66,12 +97,19 @@ if [ "$mode" != "--no-linux" ]; then
         s=${PIPESTATUS[0]}
         [ "$s" -eq 0 ] || status=$s
     fi
-    $rg cargo test --release --no-fail-fast --test real_guest -- --nocapture "${rgthreads[@]}" \
-        2>&1 | tee -a "$log"
+    rgcmd=(cargo test --release --no-fail-fast --test real_guest -- --nocapture "${rgthreads[@]}")
+    if [ -n "$rg" ]; then
+        # Every guest console line is shown, so the watchdog sees a booting guest's progress.
+        export RHYVE_TEST_CONSOLE=1
+        in_l1 480 "${rgcmd[@]}" 2>&1 | tee -a "$log"
+    else
+        "${rgcmd[@]}" 2>&1 | tee -a "$log"
+    fi
     s=${PIPESTATUS[0]}
     [ "$s" -eq 0 ] || status=$s
 fi
 set -e
 # One closing line over every test binary: "tests: N passed, N failed".
-tr -d '\r' <"$log" | awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }'
+stalls=$(grep -c '^test: harness stall' "$log" || true)
+tr -d '\r' <"$log" | awk -v s="$stalls" '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed (harness stalls retried: %d)\n", p, f, s }'
 exit "$status"

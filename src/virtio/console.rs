@@ -36,6 +36,8 @@ const PORT_NAME: u16 = 7;
 const INBOUND_MAX: usize = 64 << 10;
 /// Most bytes taken from one transmit chain.
 const TX_CHAIN_MAX: usize = 1 << 20;
+/// Most bytes read of one control message (the driver sends only the 8-byte header).
+const CTRL_MSG_MAX: usize = 8;
 /// Most control messages held for a driver that posts no c_ivq buffers (a handshake needs
 /// three per port).
 const CTRL_PENDING_MAX: usize = 4 * MAX_PORTS;
@@ -194,28 +196,39 @@ fn fill(q: &mut Queue, mem: &GuestMemoryMmap, data: &[u8], bad: &AtomicU64) -> O
     Some(off)
 }
 
-/// Everything readable in the available transmit chains, one Vec per chain.
-fn take_tx(q: &mut ActiveQueue, mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
+/// Hands what is readable in each available transmit chain to `sink`, one chain at a time
+/// (at most `max` bytes of each), completing the chains as it goes: the worker never holds
+/// more than one chain's bytes, however many chains the driver offers in one notification.
+/// Whether any chain was used.
+fn take_tx(
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    max: usize,
+    mut sink: impl FnMut(Vec<u8>),
+) -> bool {
+    let mut any = false;
     q.serve_all(mem, |queue, chain| {
         let head = chain.head_index();
         let mut buf = Vec::new();
         for d in chain {
             let n = usize::try_from(d.len()).unwrap_or(usize::MAX);
-            if d.is_write_only() || n > TX_CHAIN_MAX.saturating_sub(buf.len()) {
+            let n = n.min(max.saturating_sub(buf.len()));
+            if d.is_write_only() || n == 0 {
                 continue;
             }
             let start = buf.len();
-            buf.resize(start + n, 0);
-            if mem.read_slice(&mut buf[start..], d.addr()).is_err() {
+            buf.resize(start.saturating_add(n), 0);
+            let dst = buf.get_mut(start..).unwrap_or_default();
+            if mem.read_slice(dst, d.addr()).is_err() {
                 buf.truncate(start);
             }
         }
         let _ = queue.add_used(mem, head, 0);
-        out.push(buf);
+        any = true;
+        sink(buf);
         true
     });
-    out
+    any
 }
 
 /// A control message's id, event and value.
@@ -325,8 +338,9 @@ impl State {
     fn handle_ctrl_tx(&mut self) {
         let mem = self.mem.clone();
         let Some(q) = self.q(CTRL_TX) else { return };
-        let msgs = take_tx(q, &mem);
-        if msgs.is_empty() {
+        // At most a queue's worth of CTRL_MSG_MAX-byte messages.
+        let mut msgs = Vec::new();
+        if !take_tx(q, &mem, CTRL_MSG_MAX, |m| msgs.push(m)) {
             return;
         }
         self.notify(CTRL_TX);
@@ -389,23 +403,25 @@ impl State {
         }
     }
 
+    /// Writes what the driver sent on port `p` to its client (dropped when none is connected),
+    /// chain by chain.
     fn transmit(&mut self, p: usize) {
-        let mem = self.mem.clone();
         let (_, tx) = port_queues(p);
-        let Some(q) = self.q(tx) else { return };
-        let chunks = take_tx(q, &mem);
-        if chunks.is_empty() {
+        let Some(io) = self.io.get(p).cloned() else {
             return;
-        }
-        self.notify(tx);
-        let Some(io) = self.io.get(p) else { return };
-        let mut client = io.client.lock().unwrap_or_else(|e| e.into_inner());
-        for c in chunks {
+        };
+        let mem = self.mem.clone();
+        let Some(q) = self.q(tx) else { return };
+        let sent = take_tx(q, &mem, TX_CHAIN_MAX, |c| {
+            let mut client = io.client.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = client.as_mut() {
                 if s.write_all(&c).is_err() {
                     *client = None;
                 }
             }
+        });
+        if sent {
+            self.notify(tx);
         }
     }
 }
@@ -545,12 +561,55 @@ mod tests {
         assert_eq!(&b, b"0123");
         // The next chain is readable: take_tx gets its bytes (and completes it).
         m.write_slice(b"guestout", GuestAddress(0x2000)).unwrap();
-        assert_eq!(take_tx(&mut q, &m), vec![b"guestout".to_vec()]);
+        let mut got = Vec::new();
+        assert!(take_tx(&mut q, &m, TX_CHAIN_MAX, |c| got.push(c)));
+        assert_eq!(got, vec![b"guestout".to_vec()]);
         assert_eq!(
             m.read_obj::<u16>(vq.used_addr().unchecked_add(2)).unwrap(),
             3
         );
         assert_eq!(fill(&mut q.queue, &m, b"x", &bad), None, "no buffers left");
+    }
+
+    #[test]
+    fn transmit_chains_are_bounded_and_handed_over_one_at_a_time() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        // Chain 0: two 1 MiB descriptors; chain 1 (descriptor 2): 64 KiB.
+        let descs = [
+            (0x10_0000u64, 1u32 << 20, 1u16, 1u16),
+            (0x20_0000, 1 << 20, 0, 0),
+            (0x30_0000, 64 << 10, 0, 0),
+        ];
+        for (i, (a, l, f, n)) in descs.into_iter().enumerate() {
+            vq.desc_table()
+                .store(i as u16, RawDescriptor::from(Desc::new(a, l, f, n)))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().ring().ref_at(1).unwrap().store(2);
+        vq.avail().idx().store(2);
+        let mut q = ActiveQueue {
+            index: 0,
+            queue: vq.create_queue().unwrap(),
+            notify: EventFd::new(0).unwrap(),
+        };
+        let mut sizes = Vec::new();
+        assert!(take_tx(&mut q, &m, TX_CHAIN_MAX, |c| sizes.push(c.len())));
+        assert_eq!(
+            sizes,
+            vec![TX_CHAIN_MAX, 64 << 10],
+            "2 MiB chain cut to the cap"
+        );
+        // A control "message" of 64 KiB is read as its header only.
+        vq.avail().ring().ref_at(2).unwrap().store(2);
+        vq.avail().idx().store(3);
+        let mut sizes = Vec::new();
+        assert!(take_tx(&mut q, &m, CTRL_MSG_MAX, |c| sizes.push(c.len())));
+        assert_eq!(sizes, vec![CTRL_MSG_MAX]);
+        assert!(!take_tx(&mut q, &m, CTRL_MSG_MAX, |_| panic!(
+            "no chain left"
+        )));
     }
 
     #[test]

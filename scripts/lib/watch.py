@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Runs a command of the nested harness and judges it by progress, not wall time.
+
+    scripts/lib/watch.py STALL_SECONDS COMMAND [ARGS...]
+
+Copies the command's output through as it comes. When the command prints nothing for
+STALL_SECONDS, the outer guest (L1) is taken to be stuck: if RHYVE_L1_MONITOR names QEMU's
+monitor socket (scripts/nested.sh opens it there), L1's kernel is asked through it for the
+blocked tasks and every CPU's backtrace (magic SysRq w and l), which are printed on L1's
+console and so here; then the command's whole process group (QEMU and virtiofsd included)
+is killed and this exits with status 124. Otherwise it exits with the command's status.
+"""
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def ask_l1_for_backtraces(path):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(path)
+            for key in ("w", "l"):
+                s.sendall(f"sendkey alt-sysrq-{key}\n".encode())
+                time.sleep(1)
+    except OSError as e:
+        print(f"watch: cannot reach L1's monitor at {path}: {e}", file=sys.stderr, flush=True)
+
+
+def main():
+    if len(sys.argv) < 3:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    stall = float(sys.argv[1])
+    child = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    out = sys.stdout.buffer
+    fd = child.stdout.fileno()
+    last = time.monotonic()
+    stalled_at = None
+    while True:
+        ready, _, _ = select.select([fd], [], [], 5)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            out.write(data)
+            out.flush()
+            last = time.monotonic()
+            continue
+        now = time.monotonic()
+        if stalled_at is None and now - last >= stall:
+            stalled_at = now
+            print(f"\nwatch: no output for {stall:.0f} s: L1 looks stuck; asking it for "
+                  "backtraces, then stopping it", file=sys.stderr, flush=True)
+            monitor = os.environ.get("RHYVE_L1_MONITOR")
+            if monitor:
+                ask_l1_for_backtraces(monitor)
+        if stalled_at is not None and now - stalled_at >= 30:
+            break
+    if stalled_at is not None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+        return 124
+    return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
