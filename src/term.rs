@@ -61,9 +61,16 @@ pub fn install_crash_handlers() {
         // SAFETY: installing a handler that only calls async-signal-safe functions.
         unsafe { libc::signal(sig, fatal_signal as *const () as libc::sighandler_t) };
     }
+    // A panic on any thread (a vCPU, a device worker) is a rhyve defect: the VM cannot be
+    // trusted to go on, so the process ends with bhyve's "error" status, 4, instead of
+    // aborting (release builds) or losing one thread silently (debug builds).
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         restore();
         prev(info);
+        eprint!("rhyve: internal error (a bug in rhyve: please report the message above); exiting with status 4\r\n");
+        // SAFETY: _exit ends the process at once, without running other threads' destructors
+        // (which could meet state the panicking thread left half-changed).
+        unsafe { libc::_exit(4) };
     }));
 }

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use kvm_ioctls::VcpuFd;
 
-use super::control::{set_thread_kvm_run, SuspendReason};
+use super::control::{set_thread_kvm_run, SuspendReason, VmControl};
 use super::vmexit::{vm_loop, VcpuCtx};
 use super::VmShared;
 
@@ -39,6 +39,28 @@ fn pin_current_thread(cpus: &[usize]) -> Result<(), String> {
     }
 }
 
+/// Takes a vCPU out of the cpumask when its thread ends, by returning or by unwinding from a
+/// panic: a vCPU that stayed in the mask would keep `Vm::wait` waiting for ever. A panic
+/// also stops the VM (status 4, bhyve's "error").
+struct LeaveOnDrop<'a> {
+    ctl: &'a VmControl,
+    id: u32,
+}
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprint!(
+                "rhyve: vcpu {}: internal error (see the panic above); stopping the VM\r\n",
+                self.id
+            );
+            self.ctl.suspend(SuspendReason::Error);
+        }
+        set_thread_kvm_run(std::ptr::null_mut());
+        self.ctl.deactivate(self.id as usize);
+    }
+}
+
 /// Starts the thread of one vCPU (bhyve `fbsdrun_addcpu`). The vCPU is activated in the cpumask
 /// before this returns, so the main thread never sees an empty mask while vCPUs are starting.
 pub fn start_vcpu(
@@ -58,6 +80,7 @@ pub fn start_vcpu(
             } = spec;
             set_thread_kvm_run(fd.get_kvm_run());
             vm.ctl.activate(id as usize);
+            let _leave = LeaveOnDrop { ctl: &vm.ctl, id };
             let _ = tx.send(());
             if let Some(cpus) = &cpuset {
                 if let Err(e) = pin_current_thread(cpus) {
@@ -75,11 +98,32 @@ pub fn start_vcpu(
                     );
                 }
             }
-            set_thread_kvm_run(std::ptr::null_mut());
-            vm.ctl.deactivate(id as usize);
         })?;
     // Wait for activation; if the thread died first the channel is closed and we go on.
     let _ = rx.recv();
     log::debug!("vcpu {id} started");
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_vcpu_thread_that_panics_leaves_the_cpumask_and_stops_the_vm_with_an_error() {
+        let ctl = Arc::new(VmControl::new());
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || {
+            c.activate(0);
+            let _leave = LeaveOnDrop { ctl: &c, id: 0 };
+            panic!("a defect in an exit handler");
+        });
+        assert!(t.join().is_err(), "the thread panicked");
+        assert!(
+            ctl.wait_all_stopped(Duration::from_secs(5)),
+            "Vm::wait would wait for ever"
+        );
+        assert_eq!(ctl.suspend_reason(), Some(SuspendReason::Error));
+    }
 }
