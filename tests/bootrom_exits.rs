@@ -223,10 +223,14 @@ fn com1_over_tcp_serves_a_client() {
     let com1 = format!("com1,tcp=127.0.0.1:{port}");
     let child = spawn(&["-l", &com1, "-l", &bootrom, "vm"]);
     let mut conn = None;
-    for _ in 0..200 {
+    for _ in 0..400 {
+        // Until rhyve listens, a connect to the (free, ephemeral) port can connect the socket
+        // to itself (TCP simultaneous open): such a connection is not rhyve's.
         if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            conn = Some(c);
-            break;
+            if c.local_addr().ok() != c.peer_addr().ok() {
+                conn = Some(c);
+                break;
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
