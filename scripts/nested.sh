@@ -46,6 +46,8 @@ trap 'rm -f "$script" "$status" "$sock"; kill "${fsd:-}" 2>/dev/null || true' EX
     echo "# scripts/nested.sh: the command, its directory and environment, run in L1"
     # The environment, less what names this host's terminal or session.
     export -p | grep -v -E '^declare -x (TERM|SSH_|DISPLAY|XDG_|DBUS_|SHLVL|OLDPWD|_=)' || true
+    # Tells the tests where they run (tests/common: in_nested_harness).
+    echo "export RHYVE_NESTED_L1=1"
     printf 'cd %q || exit 125\n' "$PWD"
     printf 'exec'
     printf ' %q' "$@"

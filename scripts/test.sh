@@ -111,5 +111,6 @@ fi
 set -e
 # One closing line over every test binary: "tests: N passed, N failed".
 stalls=$(grep -c '^test: harness stall' "$log" || true)
-tr -d '\r' <"$log" | awk -v s="$stalls" '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed (harness stalls retried: %d)\n", p, f, s }'
+retries=$(grep -c '^harness: retry' "$log" || true)
+tr -d '\r' <"$log" | awk -v s="$stalls" -v r="$retries" '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed (harness stalls retried: %d, SMP ROM runs retried: %d)\n", p, f, s, r }'
 exit "$status"

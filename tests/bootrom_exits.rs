@@ -165,7 +165,7 @@ fn an_exit_without_handler_names_exit_vcpu_and_rip_and_is_status_4() {
 }
 
 fn assert_all_aps_report(cpus: u32) {
-    let r = run_rom("smp", &["-c", &cpus.to_string()]);
+    let r = run_smp_rom(&["-c", &cpus.to_string()]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert!(r.stdout.contains("BSP apic id 00"), "{}", r.stdout);
     for ap in 1..cpus {
@@ -360,7 +360,7 @@ fn the_guest_sees_the_topology_asked_for() {
         ("cpus=4,sockets=2,cores=2,threads=1", [1, 2, 3], 1, 2),
         ("4", [1, 2, 3], 1, 1),
     ] {
-        let r = run_rom("smp", &["-c", spec]);
+        let r = run_smp_rom(&["-c", spec]);
         assert_eq!(r.code(), 0, "{spec}: {}", r.stderr);
         let line =
             format!("topology: threads per core {per_core}, logical CPUs per package {per_pkg}");
@@ -379,7 +379,7 @@ fn the_guest_sees_the_topology_asked_for() {
         assert!(r.stdout.contains("cpus up: 4"), "{}", r.stdout);
     }
     // 2 sockets x 3 cores: the core field is 2 bits wide, so APIC IDs skip 3.
-    let r = run_rom("smp", &["-c", "cpus=6,sockets=2,cores=3"]);
+    let r = run_smp_rom(&["-c", "cpus=6,sockets=2,cores=3"]);
     for a in [1u32, 2, 4, 5, 6] {
         assert!(
             r.stdout.contains(&format!("AP {a:02x} up")),
