@@ -55,14 +55,23 @@ status=0
 # an L1 that prints nothing for the given time is stopped, with its kernel's backtraces in
 # the log, and that binary runs once more. Stalls are counted in the closing line.
 in_l1() {
-    local stall=$1 rc=0
+    local stall=$1 rc=0 attempt
     shift
-    for _ in 1 2; do
+    for attempt in 1 2; do
+        echo "test: harness run: $*"
         RHYVE_L1_MONITOR=/tmp/rhyve-l1-mon.$$ scripts/lib/watch.py "$stall" $nested "$@"
         rc=$?
         rm -f /tmp/rhyve-l1-mon.$$
-        [ "$rc" -eq 124 ] || [ "$rc" -eq 125 ] || return "$rc"
-        echo "test: harness stall: L1 stalled or died (status $rc) running: $*" >&2
+        [ "$rc" -ne 0 ] || return 0
+        [ "$attempt" -eq 1 ] || break
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 125 ]; then
+            echo "test: harness stall: L1 stalled or died (status $rc) running: $*" >&2
+        else
+            # Under this emulation a vCPU now and then loses its control flow (README.md,
+            # "The nested harness"): a failing binary runs once more, and only that second
+            # run's results count. A defect that fails every time still fails.
+            echo "test: harness rerun: tests failed (status $rc) running: $*" >&2
+        fi
     done
     return "$rc"
 }
@@ -110,7 +119,14 @@ if [ "$mode" != "--no-linux" ]; then
 fi
 set -e
 # One closing line over every test binary: "tests: N passed, N failed".
+# Each attempt in the harness starts with "test: harness run"; an attempt that ends in a stall
+# or a rerun has its results taken back, so only the last attempt of each binary counts.
 stalls=$(grep -c '^test: harness stall' "$log" || true)
+reruns=$(grep -c '^test: harness rerun' "$log" || true)
 retries=$(grep -c '^harness: retry' "$log" || true)
-tr -d '\r' <"$log" | awk -v s="$stalls" -v r="$retries" '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed (harness stalls retried: %d, SMP ROM runs retried: %d)\n", p, f, s, r }'
+tr -d '\r' <"$log" | awk -v s="$stalls" -v n="$reruns" -v r="$retries" '
+    /^test: harness run:/ { bp = 0; bf = 0 }
+    /^test result:/ { p += $4; f += $6; bp += $4; bf += $6 }
+    /^test: harness (stall|rerun):/ { p -= bp; f -= bf; bp = 0; bf = 0 }
+    END { printf "tests: %d passed, %d failed (harness: %d stalls, %d failing binaries rerun; SMP ROM runs retried: %d)\n", p, f, s, n, r }'
 exit "$status"
