@@ -154,11 +154,7 @@ pub fn run_smp_rom(extra: &[&str]) -> Run {
     if !in_nested_harness() {
         return run_rom("smp", extra);
     }
-    let rom = rom("smp");
-    let bootrom = format!("bootrom,{rom}");
-    let mut args: Vec<&str> = extra.to_vec();
-    args.extend(["-l", "com1,stdio", "-l", &bootrom, "testvm"]);
-    let why = match wait_or_kill(spawn(&args), Duration::from_secs(60)) {
+    let why = match wait_or_kill(spawn_rom("smp", extra), Duration::from_secs(60)) {
         Ok(r) if r.code() != 3 && r.stdout.contains("cpus up") => return r,
         Ok(r) => format!("status {}: {}", r.code(), r.stderr.trim_end()),
         Err(e) => format!("no exit in 60 s: {}", e.trim_end()),
@@ -173,14 +169,18 @@ pub fn run_smp_rom(extra: &[&str]) -> Run {
     run_rom("smp", extra)
 }
 
-/// Runs a ROM on COM1=stdio with extra options.
-pub fn run_rom(name: &str, extra: &[&str]) -> Run {
+/// Starts a ROM on COM1=stdio with extra options.
+pub fn spawn_rom(name: &str, extra: &[&str]) -> Child {
     require_kvm();
-    let rom = rom(name);
-    let bootrom = format!("bootrom,{rom}");
+    let bootrom = format!("bootrom,{}", rom(name));
     let mut args: Vec<&str> = extra.to_vec();
     args.extend(["-l", "com1,stdio", "-l", &bootrom, "testvm"]);
-    run(&args)
+    spawn(&args)
+}
+
+/// Runs a ROM on COM1=stdio with extra options.
+pub fn run_rom(name: &str, extra: &[&str]) -> Run {
+    wait_with_deadline(spawn_rom(name, extra), Duration::from_secs(60))
 }
 
 /// The hex number after `label` on the first line of `out` that starts with it.
