@@ -46,6 +46,10 @@ if [ "$mode" != "--no-linux" ]; then
     # Built here: the nested harness has no network to download Debian's packages.
     scripts/build-debian-guest.sh >/dev/null
 fi
+# The test ROMs, built once here; every test binary reads them (tests/common: guests).
+rm -rf target/test-guests
+sh guests/build.sh target/test-guests
+export RHYVE_TEST_GUESTS=$PWD/target/test-guests
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 export CARGO_TERM_COLOR=never
@@ -53,26 +57,34 @@ status=0
 [ "$kind" = pvm ] || echo "test: not running tests/linux.rs (its boots are about PVM hosts): this host's KVM is not PVM" >&2
 # In the harness each test binary gets its own L1, judged by progress (scripts/lib/watch.py):
 # an L1 that prints nothing for the given time is stopped, with its kernel's backtraces in
-# the log, and that binary runs once more. Stalls are counted in the closing line.
+# the log. A binary that stalled or had failures runs again, up to twice, with only the tests
+# that have not passed yet (scripts/lib/tally.py reads which did); each test's last result
+# counts. Stalls and reruns are counted in the closing lines.
 in_l1() {
-    local stall=$1 rc=0 attempt
+    local stall=$1 rc=0 attempt out sep=() skip=()
     shift
-    for attempt in 1 2; do
-        echo "test: harness run: $*"
-        RHYVE_L1_MONITOR=/tmp/rhyve-l1-mon.$$ scripts/lib/watch.py "$stall" $nested "$@"
-        rc=$?
+    out=$(mktemp)
+    case " $* " in *" -- "*) ;; *) sep=(--) ;; esac
+    for attempt in 1 2 3; do
+        echo "test: harness run $attempt: $* ${sep[*]} ${skip[*]}"
+        RHYVE_L1_MONITOR=/tmp/rhyve-l1-mon.$$ scripts/lib/watch.py "$stall" $nested "$@" \
+            "${sep[@]}" "${skip[@]}" 2>&1 | tee "$out"
+        rc=${PIPESTATUS[0]}
         rm -f /tmp/rhyve-l1-mon.$$
-        [ "$rc" -ne 0 ] || return 0
-        [ "$attempt" -eq 1 ] || break
+        [ "$rc" -ne 0 ] || break
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 125 ]; then
-            echo "test: harness stall: L1 stalled or died (status $rc) running: $*" >&2
+            echo "test: harness stall: L1 stalled or died (status $rc) in attempt $attempt of: $*" >&2
         else
             # Under this emulation a vCPU now and then loses its control flow (README.md,
-            # "The nested harness"): a failing binary runs once more, and only that second
-            # run's results count. A defect that fails every time still fails.
-            echo "test: harness rerun: tests failed (status $rc) running: $*" >&2
+            # "The nested harness"): the failed tests run again, and their last run counts.
+            # A defect that fails every time still fails.
+            echo "test: harness rerun: tests failed (status $rc) in attempt $attempt of: $*" >&2
         fi
+        [ "$attempt" -lt 3 ] || break
+        [ ${#skip[@]} -gt 0 ] || skip=(--exact)
+        while read -r name; do skip+=(--skip "$name"); done < <(scripts/lib/tally.py --passed "$out")
     done
+    rm -f "$out"
     return "$rc"
 }
 # Runs "$@" where the KVM tests run (here, or in the harness), appending to the log.
@@ -93,7 +105,7 @@ if [ -n "$here" ]; then
     for t in tests/*.rs; do
         t=$(basename "$t" .rs)
         case $t in linux | real_guest) continue ;; esac
-        run 400 cargo test "${prof[@]}" --no-fail-fast --test "$t" -- "${threads[@]}"
+        run 300 cargo test "${prof[@]}" --no-fail-fast --test "$t" -- "${threads[@]}"
     done
 else
     run 0 cargo test "${prof[@]}" --no-fail-fast --tests -- --skip debian_guest --skip real_guest
@@ -118,15 +130,7 @@ if [ "$mode" != "--no-linux" ]; then
     [ "$s" -eq 0 ] || status=$s
 fi
 set -e
-# One closing line over every test binary: "tests: N passed, N failed".
-# Each attempt in the harness starts with "test: harness run"; an attempt that ends in a stall
-# or a rerun has its results taken back, so only the last attempt of each binary counts.
-stalls=$(grep -c '^test: harness stall' "$log" || true)
-reruns=$(grep -c '^test: harness rerun' "$log" || true)
-retries=$(grep -c '^harness: retry' "$log" || true)
-tr -d '\r' <"$log" | awk -v s="$stalls" -v n="$reruns" -v r="$retries" '
-    /^test: harness run:/ { bp = 0; bf = 0 }
-    /^test result:/ { p += $4; f += $6; bp += $4; bf += $6 }
-    /^test: harness (stall|rerun):/ { p -= bp; f -= bf; bp = 0; bf = 0 }
-    END { printf "tests: %d passed, %d failed (harness: %d stalls, %d failing binaries rerun; SMP ROM runs retried: %d)\n", p, f, s, n, r }'
+# The closing lines: every test that failed or did not finish, by name, then
+# "tests: N passed, N failed, ..." over every test binary, each test by its last result.
+scripts/lib/tally.py "$log"
 exit "$status"

@@ -4,14 +4,15 @@
     scripts/lib/watch.py STALL_SECONDS COMMAND [ARGS...]
 
 Copies the command's output through as it comes. When the command prints nothing for
-STALL_SECONDS, the outer guest (L1) is taken to be stuck: if RHYVE_L1_MONITOR names QEMU's
+STALL_SECONDS (L1's kernel reporting soft lockups or RCU stalls does not count), the outer guest (L1) is taken to be stuck: if RHYVE_L1_MONITOR names QEMU's
 monitor socket (scripts/nested.sh opens it there), L1's kernel is asked through it for the
 blocked tasks and every CPU's backtrace (magic SysRq w and l), which are printed on L1's
-console and so here; then the command's whole process group (QEMU and virtiofsd included)
+console and so here, and QEMU is asked where each L1 CPU is (its registers); then the command's whole process group (QEMU and virtiofsd included)
 is killed and this exits with status 124. Otherwise it exits with the command's status.
 """
 
 import os
+import re
 import select
 import signal
 import socket
@@ -20,7 +21,15 @@ import sys
 import time
 
 
+# L1's kernel reporting that it is stuck is not progress: a hard-hung L1 can print these for
+# ever (a soft lockup is reported again every ~25 s).
+SICK = re.compile(rb"BUG: soft lockup|rcu: INFO: rcu_\w+ (self-)?detected (stall|expedited)|"
+                  rb"rcu_\w+ kthread (timer wakeup didn't happen|starved)")
+
+
 def ask_l1_for_backtraces(path):
+    """Asks L1's kernel for its backtraces (magic SysRq w, l), then asks QEMU itself where
+    each L1 CPU is (a hard-hung L1 does not answer SysRq): QEMU's answer is printed here."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
@@ -28,6 +37,20 @@ def ask_l1_for_backtraces(path):
             for key in ("w", "l"):
                 s.sendall(f"sendkey alt-sysrq-{key}\n".encode())
                 time.sleep(1)
+            s.sendall(b"info cpus\ninfo registers -a\n")
+            reply = b""
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                reply += chunk
+                s.settimeout(max(0.1, min(1.0, end - time.monotonic())))
+            text = reply.decode(errors="replace").replace("\r", "")
+            print(f"watch: QEMU's view of L1's CPUs:\n{text}", file=sys.stderr, flush=True)
     except OSError as e:
         print(f"watch: cannot reach L1's monitor at {path}: {e}", file=sys.stderr, flush=True)
 
@@ -51,7 +74,8 @@ def main():
                 break
             out.write(data)
             out.flush()
-            last = time.monotonic()
+            if not SICK.search(data):
+                last = time.monotonic()
             continue
         now = time.monotonic()
         if stalled_at is None and now - last >= stall:

@@ -19,10 +19,23 @@ pub fn require_kvm() {
     }
 }
 
-/// Directory with the built ROMs (guests/build.sh, run once per test binary).
+/// Directory with the built ROMs: `RHYVE_TEST_GUESTS` when set (scripts/test.sh builds them
+/// once on the host, so the nested harness, where gcc runs emulated and building them took
+/// about 200 s per test binary, only reads them), else built by guests/build.sh once per test
+/// binary.
 pub fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("RHYVE_TEST_GUESTS") {
+            let dir = PathBuf::from(dir);
+            assert!(
+                dir.join("hello.rom").is_file(),
+                "RHYVE_TEST_GUESTS={} has no built ROMs: run guests/build.sh {} first",
+                dir.display(),
+                dir.display()
+            );
+            return dir;
+        }
         let out =
             Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guests-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/build.sh");
