@@ -7,14 +7,15 @@
 #   scripts/nested.sh [-c L1_CPUS] [-m L1_MEM] [-i] [-v] COMMAND [ARGS...]
 # Prints what the command prints (on L1's serial console) and exits with its status (125 if
 # L1 itself failed). -i passes this terminal's input to the command (an interactive guest
-# console); without it the command's input is empty. -v also shows L1's kernel log. Timings inside L1 are emulation timings.
+# console); without it the command's input is empty. -v shows L1's whole kernel log; without it
+# only warnings and worse (loglevel=5), so a soft lockup's or RCU stall's backtrace still shows. Timings inside L1 are emulation timings.
 # With RHYVE_L1_MONITOR=PATH, QEMU's monitor listens on that unix socket (scripts/lib/watch.py
 # uses it to ask a stuck L1 for backtraces; L1's kernel takes every magic SysRq key).
 # L1 runs without transparent huge pages: with them, L1's kernel panicked now and then
 # ("corrupted stack end detected inside scheduler" on a rhyve vCPU thread) while L2 guests
 # ran; see README.md, "The nested harness".
 set -euo pipefail
-cpus=${RHYVE_L1_CPUS:-2} mem=${RHYVE_L1_MEM:-4G} quiet=quiet input=/dev/null
+cpus=${RHYVE_L1_CPUS:-2} mem=${RHYVE_L1_MEM:-4G} quiet="quiet loglevel=5" input=/dev/null
 while getopts c:m:iv opt; do
     case $opt in
         c) cpus=$OPTARG ;;

@@ -16,7 +16,7 @@ import sys
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0e-\x1f]")
 START = re.compile(r"^test (\S+) \.\.\. ?(.*)$")
-RUNNING = re.compile(r"^\s*Running (\S+)")
+RUNNING = re.compile(r"^\s*Running (.+?)(?: \(|$)")
 STALL = re.compile(r"^test: harness stall")
 RERUN = re.compile(r"^test: harness rerun")
 RETRY = re.compile(r"^harness: retry")
