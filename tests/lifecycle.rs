@@ -79,6 +79,37 @@ fn pause_stops_the_guest_and_resume_lets_it_continue() {
     std::fs::remove_file(&out).unwrap();
 }
 
+#[test]
+fn a_started_vm_dropped_without_wait_stops_its_vcpus_first() {
+    require_kvm();
+    let args = [
+        "-c".to_string(),
+        "2".to_string(),
+        "-l".to_string(),
+        format!("bootrom,{}", rom("spin")),
+        "dropvm".to_string(),
+    ];
+    let Action::Run(cfg) = cli::parse(&args).unwrap().action else {
+        panic!("expected a VM config")
+    };
+    let mut vm = Vm::create(&cfg).unwrap();
+    vm.start().unwrap();
+    let ctl = vm.control();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&vm) < 100 {
+        assert!(Instant::now() < deadline, "guest never started counting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The vCPUs run from the ROM mapping the VM owns: dropping it must stop them first.
+    drop(vm);
+    assert!(
+        ctl.active_cpus().is_empty(),
+        "vCPU threads still ran after the VM was dropped: {:?}",
+        ctl.active_cpus()
+    );
+    assert_eq!(ctl.suspend_reason(), Some(SuspendReason::Error));
+}
+
 fn threads_of(pid: u32) -> Vec<(String, String)> {
     let mut v = Vec::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {

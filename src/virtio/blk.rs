@@ -552,54 +552,61 @@ impl VirtioDevice for Blk {
         let bad = AtomicU64::new(0);
         let stats = self.stats.clone();
         let inflight = self.inflight.clone();
-        self.worker = Some(Worker::spawn("virtio-blk".into(), fds, move |token| {
-            let mut used_any = false;
-            if token == 0 {
-                stats
-                    .notifies
-                    .fetch_add(drain(&q.notify), Ordering::Relaxed);
-                let mut alive = true;
-                q.serve_all(&mem, |queue, chain| {
-                    let head = chain.head_index();
-                    stats.requests.fetch_add(1, Ordering::Relaxed);
-                    match parse(chain, &mem) {
-                        Some(r) => {
-                            inflight.fetch_add(1, Ordering::SeqCst);
-                            if jobs.send(r).is_err() {
-                                alive = false;
-                                return false;
+        let fail = irq.clone();
+        self.worker = Some(Worker::spawn(
+            "virtio-blk".into(),
+            fds,
+            fail,
+            move |token| {
+                let mut used_any = false;
+                if token == 0 {
+                    stats
+                        .notifies
+                        .fetch_add(drain(&q.notify), Ordering::Relaxed);
+                    let mut alive = true;
+                    q.serve_all(&mem, |queue, chain| {
+                        let head = chain.head_index();
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
+                        match parse(chain, &mem) {
+                            Some(r) => {
+                                inflight.fetch_add(1, Ordering::SeqCst);
+                                if jobs.send(r).is_err() {
+                                    alive = false;
+                                    return false;
+                                }
+                            }
+                            None => {
+                                if rate_limited(&bad) {
+                                    log::warn!(
+                                        "virtio-blk: malformed request (descriptor {head}) failed"
+                                    );
+                                }
+                                // No usable status byte: complete it empty.
+                                let _ = queue.add_used(&mem, head, 0);
+                                used_any = true;
                             }
                         }
-                        None => {
-                            if rate_limited(&bad) {
-                                log::warn!(
-                                    "virtio-blk: malformed request (descriptor {head}) failed"
-                                );
-                            }
-                            // No usable status byte: complete it empty.
-                            let _ = queue.add_used(&mem, head, 0);
-                            used_any = true;
-                        }
+                        true
+                    });
+                    if !alive {
+                        return false;
                     }
-                    true
-                });
-                if !alive {
-                    return false;
+                } else {
+                    drain(&done_evt);
+                    let finished =
+                        std::mem::take(&mut *done.lock().unwrap_or_else(|p| p.into_inner()));
+                    for d in finished {
+                        let _ = mem.write_obj(d.status_code, d.status);
+                        let _ = q.queue.add_used(&mem, d.head, d.len + 1);
+                        used_any = true;
+                    }
                 }
-            } else {
-                drain(&done_evt);
-                let finished = std::mem::take(&mut *done.lock().unwrap_or_else(|p| p.into_inner()));
-                for d in finished {
-                    let _ = mem.write_obj(d.status_code, d.status);
-                    let _ = q.queue.add_used(&mem, d.head, d.len + 1);
-                    used_any = true;
+                if used_any && q.queue.needs_notification(&mem).unwrap_or(true) {
+                    irq.signal_queue(q.index);
                 }
-            }
-            if used_any && q.queue.needs_notification(&mem).unwrap_or(true) {
-                irq.signal_queue(q.index);
-            }
-            true
-        })?);
+                true
+            },
+        )?);
         Ok(())
     }
 

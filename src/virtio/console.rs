@@ -484,14 +484,20 @@ impl VirtioDevice for Console {
             names: self.ports.iter().map(|p| p.name.clone()).collect(),
             io: self.ports.iter().map(|p| p.io.clone()).collect(),
             pending_ctrl: VecDeque::new(),
-            irq,
+            irq: irq.clone(),
             bad: AtomicU64::new(0),
         };
-        self.worker = Some(Worker::spawn("virtio-console".into(), fds, move |token| {
-            let _keep = &idle;
-            st.on_event(token);
-            true
-        })?);
+        let fail = irq;
+        self.worker = Some(Worker::spawn(
+            "virtio-console".into(),
+            fds,
+            fail,
+            move |token| {
+                let _keep = &idle;
+                st.on_event(token);
+                true
+            },
+        )?);
         Ok(())
     }
 

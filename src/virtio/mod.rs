@@ -202,6 +202,9 @@ pub struct VirtioIrq {
     pub config_vector: Option<Arc<MsiVector>>,
     pub isr: Arc<AtomicU8>,
     pub intx: Option<Intx>,
+    /// Set when the device can no longer serve its queues; the transport then reports
+    /// DEVICE_NEEDS_RESET in the device status until the driver resets the device.
+    pub needs_reset: Arc<AtomicBool>,
 }
 
 pub const ISR_QUEUE: u8 = 1;
@@ -236,10 +239,20 @@ impl VirtioIrq {
             None => self.intx(ISR_CONFIG),
         }
     }
+
+    /// The device stopped serving its queues (its worker ended on an error): DEVICE_NEEDS_RESET
+    /// goes into the status the driver reads, and a configuration-change interrupt tells it
+    /// (virtio 1.2 §2.1.2), instead of a device that silently stops answering.
+    pub fn device_failed(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config();
+    }
 }
 
 /// A device's worker thread: waits on its queues' notify eventfds (and any extra fds) with
-/// epoll and calls the handler with the index of what fired, until stopped.
+/// epoll and calls the handler with the index of what fired, until stopped. A worker that ends
+/// on its own (an epoll error, or the handler returning false because its backend is gone)
+/// marks the device as needing a reset (`VirtioIrq::device_failed`).
 pub struct Worker {
     kill: EventFd,
     pause: Arc<PauseCtl>,
@@ -260,12 +273,17 @@ const PAUSE_TOKEN: u64 = u64::MAX - 1;
 
 impl Worker {
     /// Starts a thread named `name` watching `fds` (token = index in `fds`), level-triggered.
-    pub fn spawn<F>(name: String, fds: Vec<i32>, handler: F) -> Result<Worker, String>
+    pub fn spawn<F>(
+        name: String,
+        fds: Vec<i32>,
+        irq: Arc<VirtioIrq>,
+        handler: F,
+    ) -> Result<Worker, String>
     where
         F: FnMut(usize) -> bool + Send + 'static,
     {
         let fds = fds.into_iter().map(|fd| (fd, false)).collect();
-        Self::spawn_with(name, fds, handler)
+        Self::spawn_with(name, fds, irq, handler)
     }
 
     /// Like `spawn`, with each fd marked edge-triggered or not (a tap the device drains only
@@ -273,6 +291,7 @@ impl Worker {
     pub fn spawn_with<F>(
         name: String,
         fds: Vec<(i32, bool)>,
+        irq: Arc<VirtioIrq>,
         mut handler: F,
     ) -> Result<Worker, String>
     where
@@ -310,16 +329,21 @@ impl Worker {
             )
             .map_err(|e| e.to_string())?;
         let thread_pause = pause.clone();
+        let thread_name = name.clone();
         let handle = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                let failed = |why: &str| {
+                    log::error!("{thread_name}: {why}; the device needs a reset");
+                    irq.device_failed();
+                };
                 let mut events = vec![EpollEvent::default(); fds.len() + 1];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            log::error!("virtio worker: epoll: {e}");
+                            failed(&format!("epoll: {e}"));
                             return;
                         }
                     };
@@ -341,6 +365,7 @@ impl Worker {
                             continue;
                         }
                         if !handler(ev.data() as usize) {
+                            failed("its backend stopped");
                             return;
                         }
                     }
@@ -567,6 +592,7 @@ pub(crate) mod mock {
             config_vector: None,
             isr: Arc::new(AtomicU8::new(0)),
             intx: None,
+            needs_reset: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -589,7 +615,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
         let probe = evt.try_clone().unwrap();
-        let mut w = Worker::spawn("test".into(), vec![fd], move |_| {
+        let mut w = Worker::spawn("test".into(), vec![fd], mock::irq(), move |_| {
             let _ = probe.read();
             c.fetch_add(1, Ordering::SeqCst);
             true
@@ -617,6 +643,36 @@ mod tests {
         w.resume();
         assert_eq!(reaches(2), 2, "the queued event is handled on resume");
         w.stop();
+    }
+
+    #[test]
+    fn a_worker_whose_backend_stops_marks_the_device_as_needing_a_reset() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = mock::irq();
+        // The handler stands for a device whose backend went away (blk's pool closed).
+        let mut w =
+            Worker::spawn("test".into(), vec![evt.as_raw_fd()], irq.clone(), |_| false).unwrap();
+        evt.write(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !irq.needs_reset.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker stopped without saying the device needs a reset"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(
+            irq.isr.load(Ordering::SeqCst) & ISR_CONFIG,
+            0,
+            "the driver is told with a configuration-change interrupt"
+        );
+        w.stop();
+        // A worker stopped on purpose (reset, shutdown) is no failure.
+        let irq = mock::irq();
+        let mut w =
+            Worker::spawn("test".into(), vec![evt.as_raw_fd()], irq.clone(), |_| true).unwrap();
+        w.stop();
+        assert!(!irq.needs_reset.load(Ordering::SeqCst));
     }
 
     fn mem() -> GuestMemoryMmap {

@@ -387,9 +387,11 @@ impl VirtioDevice for Net {
         };
         let mut txbuf = Vec::with_capacity(MAX_FRAME);
         let bad = AtomicU64::new(0);
+        let fail = irq.clone();
         self.worker = Some(Worker::spawn_with(
             "virtio-net".into(),
             fds,
+            fail,
             move |token| {
                 match token {
                     0 | 2 => {

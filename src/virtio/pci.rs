@@ -76,6 +76,8 @@ pub struct VirtioPci {
     queue_select: u16,
     queues: Vec<QueueState>,
     isr: Arc<AtomicU8>,
+    /// Set by the device when it can no longer serve its queues (`VirtioIrq::device_failed`).
+    needs_reset: Arc<AtomicBool>,
     intx_disabled: Arc<AtomicBool>,
     /// Where the notify ioeventfds are registered (the BAR's address).
     ioevent_base: Option<u64>,
@@ -172,6 +174,7 @@ impl VirtioPci {
             queue_select: 0,
             queues,
             isr: Arc::new(AtomicU8::new(0)),
+            needs_reset: Arc::new(AtomicBool::new(false)),
             intx_disabled: Arc::new(AtomicBool::new(false)),
             ioevent_base: None,
             active: false,
@@ -196,7 +199,17 @@ impl VirtioPci {
             q.vector = NO_VECTOR;
         }
         self.isr.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
         self.deassert_intx();
+    }
+
+    /// DEVICE_NEEDS_RESET when the device reported that it stopped serving its queues.
+    fn device_failed_bit(&self) -> u8 {
+        if self.needs_reset.load(Ordering::SeqCst) {
+            STATUS_NEEDS_RESET
+        } else {
+            0
+        }
     }
 
     fn deassert_intx(&self) {
@@ -224,6 +237,7 @@ impl VirtioPci {
             queue_vectors: self.queues.iter().map(|q| vector(q.vector)).collect(),
             config_vector: vector(self.config_vector),
             isr: self.isr.clone(),
+            needs_reset: self.needs_reset.clone(),
             intx: (!msix_on && (16..24).contains(&line)).then(|| Intx {
                 vm: self.vm.clone(),
                 gsi: u32::from(line),
@@ -318,7 +332,7 @@ impl VirtioPci {
             },
             0x10 => u64::from(self.config_vector),
             0x12 => self.queues.len() as u64,
-            0x14 => u64::from(self.status),
+            0x14 => u64::from(self.status | self.device_failed_bit()),
             0x15 => u64::from(self.config_generation),
             0x16 => u64::from(sel),
             0x18 => q.map_or(0, |q| u64::from(q.queue.size())),

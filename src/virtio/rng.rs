@@ -107,7 +107,8 @@ impl VirtioDevice for Rng {
         };
         let fds = vec![std::os::fd::AsRawFd::as_raw_fd(&q.notify)];
         let bad = AtomicU64::new(0);
-        self.worker = Some(Worker::spawn("virtio-rnd".into(), fds, move |_| {
+        let fail = irq.clone();
+        self.worker = Some(Worker::spawn("virtio-rnd".into(), fds, fail, move |_| {
             drain(&q.notify);
             if process(&mut q, &mem, &bad) {
                 irq.signal_queue(q.index);

@@ -88,6 +88,21 @@ pub struct Vm {
     run_size: usize,
 }
 
+/// A VM dropped while its vCPUs still run (a caller that never called `wait`, or an error
+/// after `start`) stops and joins them first: they run on memory `ram` owns (the boot ROM and
+/// variable-store mappings), which must outlive them.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.shared.ctl.suspend(SuspendReason::Error);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn insert_pio(
     shared: &VmShared,
     name: &str,
