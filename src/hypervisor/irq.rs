@@ -5,8 +5,8 @@
 //! default table), plus one MSI route per allocated GSI (24 and up). A device's MSI/MSI-X
 //! vector is an eventfd bound to its GSI with irqfd, so raising it never exits to userspace.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -46,6 +46,30 @@ struct Table {
 pub struct IrqRouter {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
+    /// Level-triggered pins several sources may drive (PCI INTx on pins 16-23).
+    levels: Mutex<SharedLevels>,
+    next_source: AtomicU32,
+}
+
+/// The wired-OR of level-triggered interrupt lines: a pin is high while any of its sources
+/// drives it. Without it, one PCI function lowering a shared pin (its driver read its ISR)
+/// would drop the interrupt another function on that pin still asserts.
+#[derive(Default)]
+pub struct SharedLevels {
+    high: BTreeMap<u32, BTreeSet<u32>>,
+}
+
+impl SharedLevels {
+    /// Records that `source` drives `gsi` to `level`; returns the pin's resulting level.
+    pub fn set(&mut self, gsi: u32, source: u32, level: bool) -> bool {
+        let drivers = self.high.entry(gsi).or_default();
+        if level {
+            drivers.insert(source);
+        } else {
+            drivers.remove(&source);
+        }
+        !drivers.is_empty()
+    }
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -69,6 +93,8 @@ impl IrqRouter {
                 free: Vec::new(),
                 msi: BTreeMap::new(),
             }),
+            levels: Mutex::new(SharedLevels::default()),
+            next_source: AtomicU32::new(0),
         };
         r.commit(&r.table.lock().unwrap_or_else(|p| p.into_inner()))?;
         Ok(r)
@@ -80,6 +106,24 @@ impl IrqRouter {
 
     pub fn vm_arc(&self) -> Arc<VmFd> {
         self.vm.clone()
+    }
+
+    /// A new source id for `set_level` (one per PCI function that may drive an INTx pin).
+    pub fn level_source(&self) -> u32 {
+        self.next_source.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `source` drives the level-triggered pin `gsi` high or low; the pin follows the OR of
+    /// all its sources (KVM_IRQ_LINE). Raising is passed on even when the pin is already high,
+    /// so an interrupt the guest has acknowledged but whose cause remains is delivered again.
+    pub fn set_level(&self, gsi: u32, source: u32, level: bool) -> Result<(), IrqError> {
+        let mut l = self.levels.lock().unwrap_or_else(|p| p.into_inner());
+        let pin = l.set(gsi, source, level);
+        if !level && pin {
+            // Another source still drives the pin: it stays high.
+            return Ok(());
+        }
+        self.vm.set_irq_line(gsi, pin).map_err(IrqError::Kvm)
     }
 
     /// Reserves a GSI for an MSI vector (no route until `set_msi`).
@@ -192,5 +236,50 @@ impl MsiVector {
 
     pub fn is_pending(&self) -> bool {
         self.pending.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_irqchip;
+
+    #[test]
+    fn a_shared_pin_stays_high_while_any_source_drives_it() {
+        let mut l = SharedLevels::default();
+        assert!(l.set(20, 0, true));
+        assert!(l.set(20, 1, true));
+        assert!(l.set(20, 1, false), "source 0 still drives pin 20");
+        assert!(l.set(20, 1, false), "lowering twice changes nothing");
+        assert!(!l.set(21, 0, false), "pins are independent");
+        assert!(!l.set(20, 0, false), "the last source lowered it");
+    }
+
+    #[test]
+    fn the_ioapic_sees_a_shared_pin_high_until_its_last_source_lowers_it() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().expect("create a VM"));
+        vm.create_irq_chip().expect("in-kernel irqchip");
+        let r = IrqRouter::new(vm.clone()).expect("routing table");
+        let high = || {
+            let mut c = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_IOAPIC,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut c).expect("KVM_GET_IRQCHIP");
+            // SAFETY: chip_id selects the I/O APIC member of the union, which KVM filled.
+            let irr = unsafe { c.chip.ioapic.irr };
+            irr & (1 << 20) != 0
+        };
+        let (a, b) = (r.level_source(), r.level_source());
+        assert_ne!(a, b);
+        r.set_level(20, a, true).unwrap();
+        r.set_level(20, b, true).unwrap();
+        assert!(high());
+        // b's driver read its ISR: a still asserts the shared pin (slots 4 and 12 share pin 20).
+        r.set_level(20, b, false).unwrap();
+        assert!(high(), "one function lowered a pin another still drives");
+        r.set_level(20, a, false).unwrap();
+        assert!(!high());
     }
 }

@@ -15,13 +15,12 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use kvm_ioctls::VmFd;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::hypervisor::irq::MsiVector;
+use crate::hypervisor::irq::{IrqRouter, MsiVector};
 
 /// Feature bits every device offers through the transport.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -187,9 +186,12 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// An INTx line for a device without MSI-X: level-triggered on its I/O APIC pin.
+/// An INTx line for a device without MSI-X: level-triggered on its I/O APIC pin, which other
+/// functions may share (the router ORs their levels).
 pub struct Intx {
-    pub vm: Arc<VmFd>,
+    pub router: Arc<IrqRouter>,
+    /// This function's id among the pin's sources.
+    pub source: u32,
     pub gsi: u32,
     /// The Command register's INTx-disable bit.
     pub disabled: Arc<AtomicBool>,
@@ -215,7 +217,7 @@ impl VirtioIrq {
         self.isr.fetch_or(bit, Ordering::SeqCst);
         if let Some(l) = &self.intx {
             if !l.disabled.load(Ordering::SeqCst) {
-                if let Err(e) = l.vm.set_irq_line(l.gsi, true) {
+                if let Err(e) = l.router.set_level(l.gsi, l.source, true) {
                     log::warn!("INTx {}: {e}", l.gsi);
                 }
             }

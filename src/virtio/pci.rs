@@ -16,6 +16,7 @@ use super::{
     ActiveQueue, Intx, VirtioDevice, VirtioIrq, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::hypervisor::irq::IrqRouter;
 use crate::pci::config::{BarKind, ConfigSpace, CMD_INTX_DISABLE, INTR_LINE};
 use crate::pci::device::PciDevice;
 use crate::pci::msix::Msix;
@@ -66,6 +67,9 @@ pub struct VirtioPci {
     dev: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     vm: Arc<VmFd>,
+    router: Arc<IrqRouter>,
+    /// This function's id among the sources of its (possibly shared) INTx pin.
+    intx_source: u32,
     device_features: u64,
     dfselect: u32,
     gfselect: u32,
@@ -164,6 +168,8 @@ impl VirtioPci {
             dev,
             mem: ctx.mem.clone(),
             vm: ctx.router.vm_arc(),
+            router: ctx.router.clone(),
+            intx_source: ctx.router.level_source(),
             device_features,
             dfselect: 0,
             gfselect: 0,
@@ -215,7 +221,9 @@ impl VirtioPci {
     fn deassert_intx(&self) {
         let line = self.cfg.u8(INTR_LINE);
         if (16..24).contains(&line) {
-            let _ = self.vm.set_irq_line(u32::from(line), false);
+            let _ = self
+                .router
+                .set_level(u32::from(line), self.intx_source, false);
         }
     }
 
@@ -239,7 +247,8 @@ impl VirtioPci {
             isr: self.isr.clone(),
             needs_reset: self.needs_reset.clone(),
             intx: (!msix_on && (16..24).contains(&line)).then(|| Intx {
-                vm: self.vm.clone(),
+                router: self.router.clone(),
+                source: self.intx_source,
                 gsi: u32::from(line),
                 disabled: self.intx_disabled.clone(),
             }),
