@@ -64,6 +64,21 @@ if mount -t virtiofs host /host; then
     mount -t tmpfs tmpfs /host/run
     ip link set lo up
     [ -c /dev/kvm ] || echo "l1: no /dev/kvm: the KVM modules did not load (see above)"
+    # One idle VM for L1's lifetime. KVM switches SVM on and off on every CPU, with an IPI to
+    # each, when its first VM is created and its last one destroyed, so every test VM did
+    # that; in L1 such an IPI now and then went unanswered (kvm_destroy_vm spinning in
+    # smp_call_function_many_cond under hardware_disable_all: a soft lockup, then a hung L1).
+    # With this VM open, SVM stays on and no test VM's start or end sends those IPIs.
+    chroot /host /usr/bin/python3 -c '
+import fcntl, os, sys, time
+try:
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    vm = fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
+except OSError as e:
+    sys.exit(f"l1: cannot keep a VM open, each VM will switch SVM on and off: {e}")
+while True:
+    time.sleep(3600)
+' &
     chroot /host /bin/bash "$run"
     echo $? >"/host$status"
 else

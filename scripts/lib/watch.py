@@ -4,7 +4,7 @@
     scripts/lib/watch.py STALL_SECONDS COMMAND [ARGS...]
 
 Copies the command's output through as it comes. When the command prints nothing for
-STALL_SECONDS (L1's kernel reporting soft lockups or RCU stalls does not count), the outer guest (L1) is taken to be stuck: if RHYVE_L1_MONITOR names QEMU's
+STALL_SECONDS, or L1's kernel reports a soft lockup or an RCU stall, the outer guest (L1) is taken to be stuck: if RHYVE_L1_MONITOR names QEMU's
 monitor socket (scripts/nested.sh opens it there), L1's kernel is asked through it for the
 blocked tasks and every CPU's backtrace (magic SysRq w and l), which are printed on L1's
 console and so here, and QEMU is asked where each L1 CPU is (its registers); then the command's whole process group (QEMU and virtiofsd included)
@@ -21,8 +21,8 @@ import sys
 import time
 
 
-# L1's kernel reporting that it is stuck is not progress: a hard-hung L1 can print these for
-# ever (a soft lockup is reported again every ~25 s).
+# L1's kernel reporting that it is stuck: such an L1 was never seen to recover (a soft lockup
+# in kvm_destroy_vm is reported again every ~28 s, for ever), so it is stopped at once.
 SICK = re.compile(rb"BUG: soft lockup|rcu: INFO: rcu_\w+ (self-)?detected (stall|expedited)|"
                   rb"rcu_\w+ kthread (timer wakeup didn't happen|starved)")
 
@@ -50,7 +50,11 @@ def ask_l1_for_backtraces(path):
                 reply += chunk
                 s.settimeout(max(0.1, min(1.0, end - time.monotonic())))
             text = reply.decode(errors="replace").replace("\r", "")
-            print(f"watch: QEMU's view of L1's CPUs:\n{text}", file=sys.stderr, flush=True)
+            if text.strip():
+                print(f"watch: QEMU's view of L1's CPUs:\n{text}", file=sys.stderr, flush=True)
+            else:
+                print("watch: QEMU's monitor did not answer within 5 s (QEMU itself is stuck, "
+                      "not only L1's kernel)", file=sys.stderr, flush=True)
     except OSError as e:
         print(f"watch: cannot reach L1's monitor at {path}: {e}", file=sys.stderr, flush=True)
 
@@ -66,6 +70,7 @@ def main():
     fd = child.stdout.fileno()
     last = time.monotonic()
     stalled_at = None
+    sick = False
     while True:
         ready, _, _ = select.select([fd], [], [], 5)
         if ready:
@@ -74,14 +79,18 @@ def main():
                 break
             out.write(data)
             out.flush()
-            if not SICK.search(data):
-                last = time.monotonic()
-            continue
+            last = time.monotonic()
+            sick = sick or bool(SICK.search(data))
         now = time.monotonic()
-        if stalled_at is None and now - last >= stall:
+        why = None
+        if sick:
+            why = "L1's kernel reports a soft lockup or an RCU stall"
+        elif now - last >= stall:
+            why = f"no output for {stall:.0f} s"
+        if stalled_at is None and why:
             stalled_at = now
-            print(f"\nwatch: no output for {stall:.0f} s: L1 looks stuck; asking it for "
-                  "backtraces, then stopping it", file=sys.stderr, flush=True)
+            print(f"\nwatch: {why}: L1 looks stuck; asking it for backtraces, then stopping "
+                  "it", file=sys.stderr, flush=True)
             monitor = os.environ.get("RHYVE_L1_MONITOR")
             if monitor:
                 ask_l1_for_backtraces(monitor)
