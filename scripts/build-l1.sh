@@ -76,9 +76,11 @@ try:
     vm = fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
 except OSError as e:
     sys.exit(f"l1: cannot keep a VM open, each VM will switch SVM on and off: {e}")
+open("/run/l1-vm-held", "w").close()
 while True:
     time.sleep(3600)
 ' &
+    for _ in $(seq 300); do [ -e /host/run/l1-vm-held ] && break; sleep 0.1; done
     chroot /host /bin/bash "$run"
     echo $? >"/host$status"
 else
