@@ -20,25 +20,27 @@ fn counter(vm: &Vm) -> u32 {
         .expect("read guest counter")
 }
 
+/// Creates and starts a 2-vCPU VM on the spin ROM, with `extra` options.
+fn start_spin_vm(extra: &[&str], name: &str) -> Vm {
+    let bootrom = format!("bootrom,{}", rom("spin"));
+    let mut args: Vec<String> = ["-c", "2"].iter().map(|a| a.to_string()).collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(["-l".to_string(), bootrom, name.to_string()]);
+    let Action::Run(cfg) = cli::parse(&args).expect("the test options parse").action else {
+        panic!("expected a VM config")
+    };
+    let mut vm = Vm::create(&cfg).expect("create the VM");
+    vm.start().expect("start the vCPUs");
+    vm
+}
+
 #[test]
 fn pause_stops_the_guest_and_resume_lets_it_continue() {
     require_kvm();
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("pause-com1-{}", std::process::id()));
-    let args = [
-        "-c".to_string(),
-        "2".to_string(),
-        "-l".to_string(),
-        format!("com1,{}", out.display()),
-        "-l".to_string(),
-        format!("bootrom,{}", rom("spin")),
-        "pausevm".to_string(),
-    ];
-    let Action::Run(cfg) = cli::parse(&args).unwrap().action else {
-        panic!("expected a VM config")
-    };
-    let mut vm = Vm::create(&cfg).unwrap();
-    vm.start().unwrap();
+    let com1 = format!("com1,{}", out.display());
+    let mut vm = start_spin_vm(&["-l", &com1], "pausevm");
     assert_eq!(
         vm.control().active_cpus().count(),
         2,
@@ -82,18 +84,7 @@ fn pause_stops_the_guest_and_resume_lets_it_continue() {
 #[test]
 fn a_started_vm_dropped_without_wait_stops_its_vcpus_first() {
     require_kvm();
-    let args = [
-        "-c".to_string(),
-        "2".to_string(),
-        "-l".to_string(),
-        format!("bootrom,{}", rom("spin")),
-        "dropvm".to_string(),
-    ];
-    let Action::Run(cfg) = cli::parse(&args).unwrap().action else {
-        panic!("expected a VM config")
-    };
-    let mut vm = Vm::create(&cfg).unwrap();
-    vm.start().unwrap();
+    let vm = start_spin_vm(&[], "dropvm");
     let ctl = vm.control();
     let deadline = Instant::now() + Duration::from_secs(30);
     while counter(&vm) < 100 {
