@@ -216,11 +216,30 @@ impl MsiVector {
     }
 
     /// Raises the vector, or records it as pending while masked (PCI 3.0 §6.8.3.5).
+    ///
+    /// Lock-free against `set_masked` on another thread: after recording a pending message
+    /// the mask is read again, so an unmask that ran between the first read and the record
+    /// (and found nothing pending) cannot leave the message pending with the vector unmasked.
+    /// Whichever side takes the pending bit sends the one message.
     pub fn trigger(&self) {
-        if self.masked.load(Ordering::SeqCst) {
+        self.trigger_with(|| {});
+    }
+
+    /// `trigger`, running `between` after the first mask read: where another thread's
+    /// `set_masked` may run (the tests use it to run one there).
+    fn trigger_with(&self, between: impl FnOnce()) {
+        let masked = self.masked.load(Ordering::SeqCst);
+        between();
+        if masked {
             self.pending.store(true, Ordering::SeqCst);
-            return;
+            if self.masked.load(Ordering::SeqCst) || !self.pending.swap(false, Ordering::SeqCst) {
+                return;
+            }
         }
+        self.send();
+    }
+
+    fn send(&self) {
         if let Err(e) = self.evt.write(1) {
             log::warn!("MSI GSI {}: {e}", self.gsi);
         }
@@ -230,7 +249,7 @@ impl MsiVector {
     pub fn set_masked(&self, masked: bool) {
         self.masked.store(masked, Ordering::SeqCst);
         if !masked && self.pending.swap(false, Ordering::SeqCst) {
-            self.trigger();
+            self.send();
         }
     }
 
@@ -243,6 +262,77 @@ impl MsiVector {
 mod tests {
     use super::*;
     use kvm_bindings::kvm_irqchip;
+
+    fn unbound_vector() -> MsiVector {
+        // Not bound to KVM: an irqfd would consume the count the tests read.
+        MsiVector {
+            gsi: FIRST_MSI_GSI,
+            evt: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            masked: AtomicBool::new(true),
+            pending: AtomicBool::new(false),
+        }
+    }
+
+    /// The unmask lands between the trigger's mask read and its pending record (the race,
+    /// made deterministic): the message must still go out, not stay pending on an unmasked
+    /// vector until the guest happens to mask and unmask it again.
+    #[test]
+    fn an_unmask_inside_a_trigger_does_not_strand_the_message() {
+        let v = unbound_vector();
+        v.trigger_with(|| v.set_masked(false));
+        assert_eq!(v.evt.read().ok(), Some(1), "the message was not sent");
+        assert!(!v.is_pending(), "left pending on an unmasked vector");
+        // Masked throughout: pending, not sent.
+        v.set_masked(true);
+        v.trigger_with(|| {});
+        assert!(v.is_pending() && v.evt.read().is_err());
+        v.set_masked(false);
+        assert_eq!(
+            v.evt.read().ok(),
+            Some(1),
+            "unmask sends the pending message"
+        );
+        assert!(!v.is_pending());
+    }
+
+    /// A trigger racing an unmask on real threads: the message is sent exactly once and
+    /// nothing stays pending (the window is a few instructions wide, so this alone rarely
+    /// catches the race the test above makes certain).
+    #[test]
+    fn a_trigger_racing_an_unmask_is_delivered_once() {
+        use std::sync::Barrier;
+        let v = Arc::new(unbound_vector());
+        let rounds = 5_000;
+        let go = Arc::new(Barrier::new(2));
+        let (v2, go2) = (v.clone(), go.clone());
+        let unmasker = std::thread::spawn(move || {
+            for _ in 0..rounds {
+                go2.wait();
+                v2.set_masked(false);
+                go2.wait();
+            }
+        });
+        let mut lost = 0;
+        for _ in 0..rounds {
+            go.wait();
+            v.trigger();
+            go.wait();
+            // Both done: exactly one message, nothing pending.
+            let sent = v.evt.read().unwrap_or(0);
+            assert!(sent <= 1, "one trigger sent {sent} messages");
+            if sent == 0 {
+                assert!(v.is_pending(), "a message neither sent nor pending");
+                lost += 1;
+                v.pending.store(false, Ordering::SeqCst);
+            }
+            v.set_masked(true);
+        }
+        unmasker.join().expect("unmasker thread");
+        assert_eq!(
+            lost, 0,
+            "{lost} of {rounds} triggers left pending on an unmasked vector"
+        );
+    }
 
     #[test]
     fn a_shared_pin_stays_high_while_any_source_drives_it() {

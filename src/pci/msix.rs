@@ -165,21 +165,32 @@ impl Msix {
         }
     }
 
-    /// A guest write in the table (the PBA is read-only).
+    /// A guest write in the table (the PBA is read-only). An 8-byte write lands whole before
+    /// the entry's route is brought up to date, so an unmasked entry is never routed to half
+    /// of a new address.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(4) || offset < self.table_off {
             return;
         }
+        let mut touched: Option<usize> = None;
         for (k, chunk) in data.chunks(4).enumerate() {
             let rel = offset - self.table_off + 4 * k as u64;
             let i = (rel / ENTRY_SIZE) as usize;
             let word = ((rel % ENTRY_SIZE) / 4) as usize;
             let Some(e) = self.entries.get_mut(i) else {
-                return;
+                break;
             };
             let mut b = [0u8; 4];
             b.copy_from_slice(chunk);
             e[word] = u32::from_le_bytes(b);
+            if let Some(t) = touched.filter(|&t| t != i) {
+                // An 8-byte write that straddles two entries (word 3 of one, word 0 of the
+                // next): the first is complete.
+                self.refresh(t);
+            }
+            touched = Some(i);
+        }
+        if let Some(i) = touched {
             self.refresh(i);
         }
     }
