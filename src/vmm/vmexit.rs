@@ -649,16 +649,27 @@ fn exit_extras(vcpu: &mut VcpuFd) -> ExitExtras {
 /// Whether this vCPU can only be woken by another CPU or an NMI: halted with RFLAGS.IF clear,
 /// or an AP still waiting for INIT/SIPI. With KVM's in-kernel LAPIC a HLT never exits to
 /// userspace, so this is asked after a kick (see `VmControl::all_halted`).
-fn halted_for_good(vcpu: &VcpuFd) -> bool {
+fn halted_for_good(vcpu: &VcpuFd, id: u32) -> bool {
     const RFLAGS_IF: u64 = 1 << 9;
     let Ok(mp) = vcpu.get_mp_state() else {
         return false;
     };
-    match mp.mp_state {
+    let regs = vcpu.get_regs().ok();
+    let halted = match mp.mp_state {
         KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
-        KVM_MP_STATE_HALTED => vcpu.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+        KVM_MP_STATE_HALTED => regs.is_some_and(|r| r.rflags & RFLAGS_IF == 0),
         _ => false,
+    };
+    if let Some(r) = regs {
+        log::debug!(
+            "vcpu {id} halt check: mp_state {} rip {:#x} rflags {:#x}: {}",
+            mp.mp_state,
+            r.rip,
+            r.rflags,
+            if halted { "halted" } else { "live" }
+        );
     }
+    halted
 }
 
 /// The vCPU loop (bhyve `vm_loop`). Returns when the VM is suspended or on a fatal error; the
@@ -672,7 +683,7 @@ pub fn vm_loop(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, run_size: usize) {
         }
         if let Some(generation) = ctl.halt_check_pending(halt_seen) {
             halt_seen = generation;
-            ctl.report_halt(generation, halted_for_good(vcpu));
+            ctl.report_halt(generation, halted_for_good(vcpu, ctx.id));
         }
         if ctl.pause_requested() {
             ctl.park();

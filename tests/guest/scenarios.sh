@@ -62,6 +62,7 @@ scenario_blk() {
     rm /mnt/data.bin
     echo "kept by the guest at boot $(cat /proc/sys/kernel/random/boot_id)" >/mnt/kept.txt
     sync
+    say "blk $(cat /mnt/kept.txt)"
     say "blk fstrim: $(fstrim -v /mnt 2>&1)"
     umount /mnt && say "blk unmounted"
     # vdb: a raw disk the host filled with 0xff; discard its first MiB, zero its second.
