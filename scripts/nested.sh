@@ -10,6 +10,8 @@
 # console); without it the command's input is empty. -v shows L1's whole kernel log; without it
 # only warnings and worse (loglevel=5), so a soft lockup's or RCU stall's backtrace still shows. Timings inside L1 are emulation timings.
 # RHYVE_L1_TCG=single runs L1's vCPUs on one host thread (QEMU's default is one per vCPU).
+# RHYVE_L1_CPU=MODEL replaces L1's CPU model (qemu64,+svm,+npt; with -cpu max, L2 reports an
+# XSAVE consistency problem).
 # With RHYVE_L1_MONITOR=PATH, QEMU's monitor listens on that unix socket (scripts/lib/watch.py
 # uses it to ask a stuck L1 for backtraces; L1's kernel takes every magic SysRq key).
 # L1 runs without transparent huge pages: with them, L1's kernel panicked now and then
@@ -64,7 +66,7 @@ for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 
 monitor=()
 [ -z "${RHYVE_L1_MONITOR:-}" ] || monitor=(-monitor "unix:$RHYVE_L1_MONITOR,server,nowait")
-qemu-system-x86_64 "${monitor[@]}" -accel "tcg,thread=${RHYVE_L1_TCG:-multi}" -cpu qemu64,+svm,+npt -smp "$cpus" -m "$mem" \
+qemu-system-x86_64 "${monitor[@]}" -accel "tcg,thread=${RHYVE_L1_TCG:-multi}" -cpu "${RHYVE_L1_CPU:-qemu64,+svm,+npt}" -smp "$cpus" -m "$mem" \
     -machine pc -nodefaults -display none -no-reboot \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
     -chardev "socket,id=fs,path=$sock" -device vhost-user-fs-pci,chardev=fs,tag=host \
