@@ -654,7 +654,10 @@ fn halted_for_good(vcpu: &VcpuFd, id: u32) -> bool {
     let Ok(mp) = vcpu.get_mp_state() else {
         return false;
     };
-    let regs = vcpu.get_regs().ok();
+    // The registers matter only to a halted vCPU, or to the debug line below.
+    let regs = (mp.mp_state == KVM_MP_STATE_HALTED || log::log_enabled!(log::Level::Debug))
+        .then(|| vcpu.get_regs().ok())
+        .flatten();
     let halted = match mp.mp_state {
         KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
         KVM_MP_STATE_HALTED => regs.is_some_and(|r| r.rflags & RFLAGS_IF == 0),
