@@ -311,3 +311,63 @@ fn exit_stats_and_rip_samples_show_where_a_guest_spins() {
     );
     assert!(v1.iter().all(|r| r[4] == "W"), "{text}");
 }
+
+/// The VmFlags of the mapping in /proc/PID/smaps that is exactly `size` bytes long.
+fn mapping_flags(pid: u32, size: u64) -> Option<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut this = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    this = b - a == size;
+                    continue;
+                }
+            }
+        }
+        if this {
+            if let Some(f) = line.strip_prefix("VmFlags:") {
+                return Some(f.trim().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// bhyve `-S` wires guest memory (locked and resident, `lo` in smaps) and guest memory stays
+/// out of core dumps (`dd`) unless `-C` asks for it.
+#[test]
+fn dash_s_wires_guest_memory_and_dash_c_puts_it_in_core_dumps() {
+    require_kvm();
+    const RAM: u64 = 96 << 20;
+    for (extra, locked, dumped) in [
+        (&["-m", "96M"][..], false, false),
+        (&["-m", "96M", "-S"][..], true, false),
+        (&["-m", "96M", "-C"][..], false, true),
+    ] {
+        let child = spawn_rom("spin", extra);
+        let pid = child.id();
+        let mut g = LinuxGuest::new("spin", child);
+        assert!(g.wait_for("spinning").is_some(), "{}", g.console);
+        let flags = mapping_flags(pid, RAM).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let vmlck_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = g.finish();
+        let words: Vec<&str> = flags.split_whitespace().collect();
+        assert!(
+            !words.is_empty(),
+            "{extra:?}: no {RAM}-byte guest RAM mapping in smaps"
+        );
+        assert_eq!(words.contains(&"lo"), locked, "{extra:?}: VmFlags {flags}");
+        assert_eq!(words.contains(&"dd"), !dumped, "{extra:?}: VmFlags {flags}");
+        if locked {
+            assert!(vmlck_kib * 1024 >= RAM, "{extra:?}: VmLck {vmlck_kib} kB");
+        }
+    }
+}

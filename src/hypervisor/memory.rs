@@ -39,6 +39,8 @@ pub enum MemoryError {
     Slot { gpa: u64, err: kvm_ioctls::Error },
     #[error("boot ROM {path}: {msg}")]
     Rom { path: String, msg: String },
+    #[error("-S: cannot wire {size} bytes of guest memory: {err} (raise the locked-memory limit, ulimit -l, or run without -S)")]
+    Wire { size: u64, err: std::io::Error },
 }
 
 /// Where RAM goes for a given `-m` size.
@@ -209,6 +211,45 @@ impl GuestRam {
             self.extra.push(region);
         }
         Ok(rom_base)
+    }
+
+    /// bhyve `-S` (`memory.wired`): every RAM page is faulted in now and locked, so the guest
+    /// never waits for the host to find or swap in one of its pages. Needs a locked-memory
+    /// limit (`ulimit -l`) at least the RAM size, or CAP_IPC_LOCK.
+    pub fn wire(&self) -> Result<(), MemoryError> {
+        for region in self.mem.iter() {
+            let size = region.len();
+            // SAFETY: mlock only changes the residency of this live mapping, which `mem` owns.
+            if unsafe { libc::mlock(region.as_ptr().cast(), size as usize) } != 0 {
+                return Err(MemoryError::Wire {
+                    size,
+                    err: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves guest RAM out of rhyve's core dumps (bhyve does unless `-C`,
+    /// `memory.guest_in_core`): a crash then neither writes gigabytes nor leaks the guest's
+    /// data into a file. Best effort: a kernel that refuses only makes the dump larger.
+    pub fn exclude_from_core(&self) {
+        for region in self.mem.iter() {
+            // SAFETY: MADV_DONTDUMP only changes what a core dump of this live mapping holds.
+            let r = unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_DONTDUMP,
+                )
+            };
+            if r != 0 {
+                log::debug!(
+                    "guest RAM stays in core dumps: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     /// Flushes the variable store to its file (called when the VM stops).

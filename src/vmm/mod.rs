@@ -153,6 +153,12 @@ impl Vm {
         }
         let vm_fd = Arc::new(hypervisor::create_vm(&kvm, cpus)?);
         let mut ram = GuestRam::new(&vm_fd, layout)?;
+        if !cfg.get_bool("memory.guest_in_core", false)? {
+            ram.exclude_from_core();
+        }
+        if cfg.get_bool("memory.wired", false)? {
+            ram.wire()?;
+        }
         // Boot payload: a firmware ROM, started from the reset vector on the BSP, or a Linux
         // kernel entered directly. The ROM is mapped now, with the rest of guest memory,
         // before the irqchip (see `create_irqchip`); a kernel is copied into RAM once the
