@@ -8,6 +8,7 @@
 //! - `virtio`: virtio devices and their PCI transport.
 //! - `vmm`: the VM and vCPU lifecycle, `vm_loop` and its exit-handler table.
 //! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
+//! - `thread`: the one way a thread starts, by role.
 
 pub mod acpi;
 pub mod boot;
@@ -19,5 +20,6 @@ pub mod logging;
 pub mod mptable;
 pub mod pci;
 pub mod term;
+pub mod thread;
 pub mod virtio;
 pub mod vmm;

@@ -1,11 +1,13 @@
 //! The `rhyve` command: bhyve(8)'s command line and exit status on Linux KVM.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use rhyve::config::cli::{self, Action, USAGE};
 use rhyve::devices::legacy::lpc;
 use rhyve::devices::legacy::pm::Pm;
 use rhyve::vmm::control::{SuspendReason, VmControl};
+use rhyve::vmm::main_loop::Signals;
 use rhyve::vmm::Vm;
 use rhyve::{logging, pci, term};
 
@@ -19,7 +21,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Blocks the signals the main loop turns into VM requests, in this thread and every thread it
-/// creates afterwards, so only the signal thread's sigwait receives them.
+/// creates afterwards, so only the main loop's signalfd receives them.
 fn block_control_signals() -> libc::sigset_t {
     // SAFETY: sigset operations on a local set, then pthread_sigmask with valid pointers.
     unsafe {
@@ -38,31 +40,22 @@ fn block_control_signals() -> libc::sigset_t {
 /// button event masked), or on a second SIGTERM, rhyve powers the VM off itself. SIGINT, SIGHUP
 /// and SIGQUIT stop it as an error (status 4). Either way the vCPUs leave their loops and the
 /// terminal is restored on the normal exit path.
-fn spawn_signal_thread(set: libc::sigset_t, ctl: std::sync::Arc<VmControl>, pm: Pm) {
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut pressed = false;
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: set is a valid signal set and sig valid storage.
-                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                    continue;
-                }
-                if sig == libc::SIGTERM {
-                    if !pressed && pm.power_button() {
-                        log::info!("SIGTERM: power button pressed");
-                        pressed = true;
-                    } else {
-                        log::info!("SIGTERM: powering off");
-                        ctl.suspend(SuspendReason::PowerOff);
-                    }
-                } else {
-                    eprint!("rhyve: stopped by signal {sig}\r\n");
-                    ctl.suspend(SuspendReason::Error);
-                }
+fn on_signal(ctl: Arc<VmControl>, pm: Pm) -> impl FnMut(i32) {
+    let mut pressed = false;
+    move |sig| {
+        if sig == libc::SIGTERM {
+            if !pressed && pm.power_button() {
+                log::info!("SIGTERM: power button pressed");
+                pressed = true;
+            } else {
+                log::info!("SIGTERM: powering off");
+                ctl.suspend(SuspendReason::PowerOff);
             }
-        });
+        } else {
+            eprint!("rhyve: stopped by signal {sig}\r\n");
+            ctl.suspend(SuspendReason::Error);
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -102,12 +95,16 @@ fn main() -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
-    spawn_signal_thread(sigset, vm.control(), vm.pm.clone());
+    let signals = match Signals::new(&sigset) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot read signals through a signalfd: {e}")),
+    };
+    let mut handler = on_signal(vm.control(), vm.pm.clone());
     if let Err(e) = vm.start() {
         vm.wait();
         return fail(e);
     }
-    let reason = vm.wait();
+    let reason = vm.run(Some((&signals, &mut handler)));
     term::restore();
     log::info!("vm stopped: {reason:?}");
     ExitCode::from(reason.exit_status() as u8)

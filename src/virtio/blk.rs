@@ -489,9 +489,10 @@ impl Blk {
             let (disk, mem, done) = (self.disk.clone(), mem.clone(), done.clone());
             let inflight = self.inflight.clone();
             let evt = done_evt.try_clone().map_err(|e| e.to_string())?;
-            let h = std::thread::Builder::new()
-                .name(format!("virtio-blk io{i}"))
-                .spawn(move || loop {
+            let h = crate::thread::spawn(
+                crate::thread::Role::BlockIo,
+                format!("virtio-blk io{i}"),
+                move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(r) = job else { return };
                     let (status_code, len) = execute(&disk, &mem, &r);
@@ -503,8 +504,9 @@ impl Blk {
                     });
                     inflight.fetch_sub(1, Ordering::SeqCst);
                     let _ = evt.write(1);
-                })
-                .map_err(|e| e.to_string())?;
+                },
+            )
+            .map_err(|e| e.to_string())?;
             self.pool.push(h);
         }
         Ok(tx)

@@ -135,10 +135,12 @@ impl Console {
                 ready: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?,
             });
             let thread_io = io.clone();
-            std::thread::Builder::new()
-                .name(format!("vtcon port {i}"))
-                .spawn(move || serve(listener, thread_io))
-                .map_err(|e| e.to_string())?;
+            crate::thread::spawn(
+                crate::thread::Role::ConsoleBackend,
+                format!("vtcon port {i}"),
+                move || serve(listener, thread_io),
+            )
+            .map_err(|e| e.to_string())?;
             ports.push(Port {
                 name: name.to_string(),
                 io,

@@ -332,48 +332,45 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let thread_pause = pause.clone();
         let thread_name = name.clone();
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let failed = |why: &str| {
-                    log::error!("{thread_name}: {why}; the device needs a reset");
-                    irq.device_failed();
+        let handle = crate::thread::spawn(crate::thread::Role::VirtioWorker, name, move || {
+            let failed = |why: &str| {
+                log::error!("{thread_name}: {why}; the device needs a reset");
+                irq.device_failed();
+            };
+            let mut events = vec![EpollEvent::default(); fds.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        failed(&format!("epoll: {e}"));
+                        return;
+                    }
                 };
-                let mut events = vec![EpollEvent::default(); fds.len() + 1];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            failed(&format!("epoll: {e}"));
-                            return;
+                for ev in &events[..n] {
+                    if ev.data() == KILL_TOKEN {
+                        return;
+                    }
+                    if ev.data() == PAUSE_TOKEN {
+                        let _ = thread_pause.evt.read();
+                        // Park until resumed; events meanwhile stay queued in epoll.
+                        let mut st = thread_pause.state.lock().unwrap_or_else(|p| p.into_inner());
+                        st.1 = true;
+                        thread_pause.cv.notify_all();
+                        while st.0 {
+                            st = thread_pause.cv.wait(st).unwrap_or_else(|p| p.into_inner());
                         }
-                    };
-                    for ev in &events[..n] {
-                        if ev.data() == KILL_TOKEN {
-                            return;
-                        }
-                        if ev.data() == PAUSE_TOKEN {
-                            let _ = thread_pause.evt.read();
-                            // Park until resumed; events meanwhile stay queued in epoll.
-                            let mut st =
-                                thread_pause.state.lock().unwrap_or_else(|p| p.into_inner());
-                            st.1 = true;
-                            thread_pause.cv.notify_all();
-                            while st.0 {
-                                st = thread_pause.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-                            }
-                            st.1 = false;
-                            continue;
-                        }
-                        if !handler(ev.data() as usize) {
-                            failed("its backend stopped");
-                            return;
-                        }
+                        st.1 = false;
+                        continue;
+                    }
+                    if !handler(ev.data() as usize) {
+                        failed("its backend stopped");
+                        return;
                     }
                 }
-            })
-            .map_err(|e| e.to_string())?;
+            }
+        })
+        .map_err(|e| e.to_string())?;
         Ok(Worker {
             kill,
             pause,

@@ -222,6 +222,9 @@ pub struct VmControl {
     halt_gen: AtomicU64,
     halt_replies: Ranked<(u64, Vec<bool>)>,
     halt_cv: Condvar,
+    /// Written when the last vCPU leaves its loop: the main event loop waits on it. Taken with
+    /// no other lock held.
+    stop_notifier: std::sync::Mutex<Option<vmm_sys_util::eventfd::EventFd>>,
 }
 
 impl Default for VmControl {
@@ -246,6 +249,7 @@ impl VmControl {
             halt_gen: AtomicU64::new(0),
             halt_replies: Ranked::new(Rank::HaltReplies, (0, Vec::new())),
             halt_cv: Condvar::new(),
+            stop_notifier: std::sync::Mutex::new(None),
         }
     }
 
@@ -282,6 +286,20 @@ impl VmControl {
         drop(_p);
         let _h = self.halt_replies.lock();
         self.halt_cv.notify_all();
+        drop(_h);
+        if self.active_count.load(Ordering::SeqCst) == 0 {
+            let n = self.stop_notifier.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(evt) = n.as_ref() {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
+    /// `evt` is written when the last vCPU leaves its loop (and whenever one leaves after
+    /// that). Register it before checking whether vCPUs are still running, so a stop in
+    /// between is not missed.
+    pub fn set_stop_notifier(&self, evt: vmm_sys_util::eventfd::EventFd) {
+        *self.stop_notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(evt);
     }
 
     pub fn active_cpus(&self) -> CpuSet {

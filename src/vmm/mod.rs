@@ -2,6 +2,7 @@
 //! devices -> boot payload -> start vCPUs -> wait for the VM to stop.
 
 pub mod control;
+pub mod main_loop;
 pub mod profile;
 pub mod vcpu;
 pub mod vmexit;
@@ -485,28 +486,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Waits until every vCPU has left its loop and returns why the VM stopped. Meanwhile,
-    /// watches for bhyve's "all vCPUs halted" (status 2): when no vCPU thread has used CPU
-    /// time for a whole interval, the vCPUs are asked whether they are halted for good. A busy
-    /// VM is never kicked for this.
+    /// Waits until every vCPU has left its loop and returns why the VM stopped, meanwhile
+    /// running the main event loop's halt check (`main_loop`).
     pub fn wait(&mut self) -> SuspendReason {
-        const INTERVAL: Duration = Duration::from_millis(500);
-        /// CPU time per interval under which a vCPU thread counts as asleep.
-        const IDLE: Duration = Duration::from_millis(5);
-        let ctl = self.shared.ctl.clone();
-        let mut last = ctl.vcpu_cpu_times();
-        while !ctl.wait_all_stopped(INTERVAL) {
-            let now = ctl.vcpu_cpu_times();
-            let idle = now.iter().zip(&last).all(|(n, l)| match (n, l) {
-                (Some(n), Some(l)) => n.saturating_sub(*l) < IDLE,
-                _ => true,
-            });
-            last = now;
-            if idle && !ctl.pause_requested() && ctl.all_halted(INTERVAL) {
-                log::info!("every vCPU is halted with interrupts disabled");
-                ctl.suspend(SuspendReason::Halt);
-            }
-        }
+        self.run(None)
+    }
+
+    /// As `wait`, with the control signals read from `signals` handed to `on_signal` on this
+    /// (the main) thread.
+    pub fn run(
+        &mut self,
+        signals: Option<(&main_loop::Signals, &mut dyn FnMut(i32))>,
+    ) -> SuspendReason {
+        main_loop::run(&self.shared.ctl, signals);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

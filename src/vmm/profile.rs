@@ -143,19 +143,17 @@ impl Profile {
         };
         let period = Duration::from_secs(1) / hz;
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("rip sampler".into())
-            .spawn(move || {
-                while !ctl.is_suspended() {
-                    std::thread::sleep(period);
-                    if let Some(s) = &me.samples {
-                        for r in &s.requested {
-                            r.store(true, Ordering::Release);
-                        }
+        crate::thread::spawn(crate::thread::Role::Sampler, "rip sampler", move || {
+            while !ctl.is_suspended() {
+                std::thread::sleep(period);
+                if let Some(s) = &me.samples {
+                    for r in &s.requested {
+                        r.store(true, Ordering::Release);
                     }
-                    ctl.kick_all();
                 }
-            })?;
+                ctl.kick_all();
+            }
+        })?;
         Ok(())
     }
 

@@ -70,14 +70,11 @@ pub fn start_vcpu(
 ) -> std::io::Result<JoinHandle<()>> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let id = spec.id;
-    let handle = std::thread::Builder::new()
-        .name(format!("vcpu {id}"))
-        .spawn(move || {
-            let VcpuSpec {
-                id,
-                mut fd,
-                cpuset,
-            } = spec;
+    let handle = crate::thread::spawn(
+        crate::thread::Role::Vcpu(id),
+        format!("vcpu {id}"),
+        move || {
+            let VcpuSpec { id, mut fd, cpuset } = spec;
             set_thread_kvm_run(fd.get_kvm_run());
             vm.ctl.activate(id as usize);
             let _leave = LeaveOnDrop { ctl: &vm.ctl, id };
@@ -98,7 +95,8 @@ pub fn start_vcpu(
                     );
                 }
             }
-        })?;
+        },
+    )?;
     // Wait for activation; if the thread died first the channel is closed and we go on.
     let _ = rx.recv();
     log::debug!("vcpu {id} started");

@@ -359,37 +359,35 @@ pub fn start_timer(rtc: Arc<Mutex<Rtc>>, irq: crate::devices::IrqLine) -> std::i
         r.irq = Some(irq);
         r.changed.clone()
     };
-    std::thread::Builder::new()
-        .name("rtc".into())
-        .spawn(move || {
-            let mut next_periodic: Option<Instant> = None;
-            let mut next_second = Instant::now()
-                + Duration::from_nanos(1_000_000_000 - u64::from(now_subsec_nanos()));
-            loop {
-                let mut r = rtc.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                match (r.period(), next_periodic) {
-                    (Some(p), Some(t)) if now >= t => {
-                        r.flag(C_PF);
-                        next_periodic = Some(t + p);
-                        // Do not try to catch up after a long stall: skip missed periods.
-                        if next_periodic.is_some_and(|n| n < now) {
-                            next_periodic = Some(now + p);
-                        }
+    crate::thread::spawn(crate::thread::Role::Timer, "rtc", move || {
+        let mut next_periodic: Option<Instant> = None;
+        let mut next_second =
+            Instant::now() + Duration::from_nanos(1_000_000_000 - u64::from(now_subsec_nanos()));
+        loop {
+            let mut r = rtc.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            match (r.period(), next_periodic) {
+                (Some(p), Some(t)) if now >= t => {
+                    r.flag(C_PF);
+                    next_periodic = Some(t + p);
+                    // Do not try to catch up after a long stall: skip missed periods.
+                    if next_periodic.is_some_and(|n| n < now) {
+                        next_periodic = Some(now + p);
                     }
-                    (Some(p), None) => next_periodic = Some(now + p),
-                    (None, _) => next_periodic = None,
-                    _ => {}
                 }
-                if now >= next_second {
-                    r.second_tick();
-                    next_second += Duration::from_secs(1);
-                }
-                let wake = next_periodic.map_or(next_second, |p| p.min(next_second));
-                let timeout = wake.saturating_duration_since(Instant::now());
-                let _ = changed.wait_timeout(r, timeout);
+                (Some(p), None) => next_periodic = Some(now + p),
+                (None, _) => next_periodic = None,
+                _ => {}
             }
-        })?;
+            if now >= next_second {
+                r.second_tick();
+                next_second += Duration::from_secs(1);
+            }
+            let wake = next_periodic.map_or(next_second, |p| p.min(next_second));
+            let timeout = wake.saturating_duration_since(Instant::now());
+            let _ = changed.wait_timeout(r, timeout);
+        }
+    })?;
     Ok(())
 }
 

@@ -48,11 +48,13 @@ impl Uart {
             move |bytes: &[u8]| enqueue(&uart, &rx, bytes)
         };
         let spawn = |f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(format!("{name} input"))
-                .spawn(f)
-                .map_err(|e| log::warn!("{name}: no input thread: {e}"))
-                .ok();
+            crate::thread::spawn(
+                crate::thread::Role::ConsoleBackend,
+                format!("{name} input"),
+                f,
+            )
+            .map_err(|e| log::warn!("{name}: no input thread: {e}"))
+            .ok();
         };
         match backend.input {
             UartIn::None => {}

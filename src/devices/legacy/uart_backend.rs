@@ -172,13 +172,11 @@ pub fn serve_tcp(
         drop(c);
         let client = client.clone();
         let deliver = deliver.clone();
-        std::thread::Builder::new()
-            .name("uart tcp".into())
-            .spawn(move || {
-                pump(reader, deliver);
-                *client.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            })
-            .ok();
+        crate::thread::spawn(crate::thread::Role::ConsoleBackend, "uart tcp", move || {
+            pump(reader, deliver);
+            *client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        })
+        .ok();
     }
 }
 
