@@ -17,7 +17,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit};
-use rhyve::config::cli::{self, Action};
+use rhyve::cli::{self, Action};
 use rhyve::devices::legacy::post::monotonic_ns;
 use rhyve::vmm::Vm;
 

@@ -37,6 +37,7 @@ if [ "$mode" = "--fast" ]; then
     exec $here cargo test --lib
 fi
 cargo fmt --all -- --check
+python3 scripts/layers.py
 cargo clippy --all-targets --quiet -- -D warnings
 # Build everything on the host (native speed); the runs below only execute.
 cargo test --no-run --quiet

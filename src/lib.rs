@@ -7,14 +7,18 @@
 //! - `pci`: PCI root (CONF1, ECAM, BARs, MSI-X), emulation registry, slot parsing.
 //! - `virtio`: virtio devices and their PCI transport.
 //! - `vmm`: the VM and vCPU lifecycle, `vm_loop` and its exit-handler table.
-//! - `config`: the bhyve_config(5) tree and the bhyve(8) command line.
+//! - `emulations`: the device registry (`-s` and `-l` names, keys, option parsers).
+//! - `config`: the bhyve_config(5) tree, its known keys and checks.
+//! - `cli`: the bhyve(8) command line, into the tree.
 //! - `thread`: the one way a thread starts, by role.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
+pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod emulations;
 pub mod hypervisor;
 pub mod logging;
 pub mod mptable;

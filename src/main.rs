@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use rhyve::config::cli::{self, Action, USAGE};
-use rhyve::devices::legacy::lpc;
+use rhyve::cli::{self, Action, USAGE};
 use rhyve::devices::legacy::pm::Pm;
+use rhyve::emulations::{self, lpc};
 use rhyve::vmm::control::{SuspendReason, VmControl};
 use rhyve::vmm::main_loop::Signals;
 use rhyve::vmm::Vm;
-use rhyve::{logging, pci, term};
+use rhyve::{logging, term};
 
 /// Status for every error that stops rhyve before or while running the guest (bhyve(8)).
 const EXIT_ERROR: u8 = 4;
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Action::ListPci => {
-            print!("{}", pci::help_text());
+            print!("{}", emulations::help_text());
             return ExitCode::SUCCESS;
         }
         Action::ListLpc => {

@@ -6,7 +6,7 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
-use rhyve::config::cli::{self, Action};
+use rhyve::cli::{self, Action};
 use rhyve::vmm::control::SuspendReason;
 use rhyve::vmm::Vm;
 use vm_memory::{Bytes, GuestAddress};

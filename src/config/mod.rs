@@ -3,7 +3,6 @@
 //! Every option on the command line (`-c`, `-m`, `-s`, `-l`, `-o`, `-k`, ...) is turned into keys of
 //! this tree first, and the VM is built from the tree alone, as bhyve does since FreeBSD 13.
 
-pub mod cli;
 pub mod schema;
 
 use std::collections::BTreeMap;
@@ -334,6 +333,40 @@ pub fn parse_memsize(s: &str) -> Option<u64> {
     }
     let n: u64 = num.parse().ok()?;
     n.checked_mul(1u64 << shift)
+}
+
+/// A UUID in its 8-4-4-4-12 hex form (the value of `uuid`).
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Parses a host CPU list such as `1,3,5-7` (the value of `vcpu.N.cpuset`).
+pub fn parse_cpulist(s: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (parse_u64(a)? as usize, parse_u64(b)? as usize);
+                if a > b || b >= libc::CPU_SETSIZE as usize {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => {
+                let c = parse_u64(part)? as usize;
+                if c >= libc::CPU_SETSIZE as usize {
+                    return None;
+                }
+                cpus.push(c);
+            }
+        }
+    }
+    Some(cpus)
 }
 
 #[cfg(test)]

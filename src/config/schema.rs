@@ -5,10 +5,11 @@
 //! (`memory.sise`) that silently does nothing is the worse failure. A key that some `%(name)`
 //! refers to is a variable and is allowed.
 
-use super::cli::{is_uuid, parse_cpulist};
-use super::{parse_bool, parse_memsize, parse_u64, Config, ConfigError};
-use crate::devices::legacy::lpc;
-use crate::pci;
+use super::{is_uuid, parse_bool, parse_cpulist, parse_memsize, parse_u64, Config, ConfigError};
+
+/// Checks the keys of a subtree whose owner (a device registry above this module) knows them:
+/// given the whole tree and one key below the owner's prefix.
+pub type SubtreeCheck = fn(&Config, &str) -> Result<(), ConfigError>;
 
 /// What a value must look like.
 #[derive(Debug, Clone, Copy)]
@@ -98,15 +99,15 @@ fn check_kind(key: &str, kind: Kind, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Applies defaults and derived values, adds the implied devices, and validates every key.
-/// Runs after the whole command line is parsed, before `config.dump`.
-pub fn finish(cfg: &mut Config) -> Result<(), ConfigError> {
+/// Applies defaults and derived values and validates every key: the ones this module knows,
+/// and each key below a prefix of `owners` by that owner's check (`pci.` and `lpc.`, by the
+/// device registry). Runs after the whole command line is parsed, before `config.dump`.
+pub fn finish(cfg: &mut Config, owners: &[(&str, SubtreeCheck)]) -> Result<(), ConfigError> {
     for (k, v) in DEFAULTS {
         cfg.set_default(k, v)?;
     }
     derive_topology(cfg)?;
-    lpc::add_implied_bridges(cfg)?;
-    validate(cfg)
+    validate(cfg, owners)
 }
 
 /// bhyve's rule: with only a topology given, cpus is its product; both given must agree.
@@ -162,7 +163,7 @@ fn derive_topology(cfg: &mut Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate(cfg: &Config) -> Result<(), ConfigError> {
+fn validate(cfg: &Config, owners: &[(&str, SubtreeCheck)]) -> Result<(), ConfigError> {
     let vars = cfg.referenced_variables();
     let cpus = cfg.get_u64("cpus")?.unwrap_or(1);
     for (key, _) in cfg.pairs() {
@@ -182,10 +183,8 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 }
                 _ => return Err(ConfigError::UnknownKey(key)),
             }
-        } else if key.starts_with("pci.") {
-            pci::validate_key(cfg, &key)?;
-        } else if key.starts_with("lpc.") {
-            lpc::validate_key(&key)?;
+        } else if let Some((_, check)) = owners.iter().find(|(p, _)| key.starts_with(p)) {
+            check(cfg, &key)?;
         } else if key.starts_with("fwcfg.user.") {
             // Checked where fw_cfg is set up.
         } else if !vars.contains(&key) {

@@ -14,32 +14,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 
-/// Why the VM stopped, and so the process exit status (bhyve(8) EXIT STATUS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SuspendReason {
-    /// Guest reset (0xCF9, 0x64, ACPI reset): status 0.
-    Reset,
-    /// Guest powered off: status 1.
-    PowerOff,
-    /// Every vCPU halted with interrupts disabled: status 2.
-    Halt,
-    /// Triple fault: status 3.
-    TripleFault,
-    /// rhyve stopped the VM because of an error: status 4.
-    Error,
-}
-
-impl SuspendReason {
-    pub fn exit_status(self) -> i32 {
-        match self {
-            SuspendReason::Reset => 0,
-            SuspendReason::PowerOff => 1,
-            SuspendReason::Halt => 2,
-            SuspendReason::TripleFault => 3,
-            SuspendReason::Error => 4,
-        }
-    }
-}
+pub use crate::devices::SuspendReason;
 
 /// A set of vCPU ids (bhyve's `cpuset_t`), sized for KVM's largest VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -513,6 +488,12 @@ fn install_kick_handler() {
             libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
         }
     });
+}
+
+impl crate::devices::VmStop for VmControl {
+    fn stop(&self, reason: SuspendReason) {
+        self.suspend(reason);
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use crate::acpi;
 use crate::boot::linux;
 use crate::bus::{Bus, BusDevice, BusError};
-use crate::config::cli::parse_cpulist;
+use crate::config::parse_cpulist;
 use crate::config::{parse_memsize, Config, ConfigError};
 use crate::devices::legacy::pm::Pm;
 use crate::devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
@@ -405,7 +405,7 @@ impl Vm {
             }
         }
         for (addr, name) in devices {
-            let emul = pci::find_emulation(&name).ok_or_else(|| {
+            let emul = crate::emulations::find_emulation(&name).ok_or_else(|| {
                 VmError::Device(format!("PCI {addr}: unknown emulation '{name}'"))
             })?;
             let dev = (emul.init)(ctx, cfg, &addr.config_prefix())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use vm_superio::Trigger;
 
 use crate::bus::BusDevice;
-use crate::vmm::control::{SuspendReason, VmControl};
+use crate::devices::{SuspendReason, VmStop};
 
 /// An interrupt line the controller pulses: `IrqLine` for ISA IRQ 1 and IRQ 12.
 pub type Line = Box<dyn Trigger<E = std::io::Error> + Send>;
@@ -105,7 +105,7 @@ pub struct I8042 {
     kbd_last: u8,
     kbd_irq: Line,
     aux_irq: Line,
-    ctl: Arc<VmControl>,
+    ctl: Arc<dyn VmStop>,
 }
 
 impl I8042 {
@@ -113,7 +113,7 @@ impl I8042 {
     pub const BASE: u64 = 0x60;
     pub const LEN: u64 = 5;
 
-    pub fn new(ctl: Arc<VmControl>, kbd_irq: Line, aux_irq: Line) -> Self {
+    pub fn new(ctl: Arc<dyn VmStop>, kbd_irq: Line, aux_irq: Line) -> Self {
         let mut ram = [0; 32];
         ram[0] = CTR_INIT;
         I8042 {
@@ -240,7 +240,7 @@ impl I8042 {
             0xf0..=0xff => {
                 if cmd & OUT_RESET == 0 {
                     log::info!("guest reset through the i8042 (port 0x64)");
-                    self.ctl.suspend(SuspendReason::Reset);
+                    self.ctl.stop(SuspendReason::Reset);
                 }
             }
             _ => log::debug!("i8042: command {cmd:#04x} ignored"),
@@ -345,6 +345,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::StopRecorder;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts pulses, standing in for an irqfd.
@@ -374,12 +375,12 @@ mod tests {
         dev: I8042,
         irq1: Count,
         irq12: Count,
-        ctl: Arc<VmControl>,
+        ctl: Arc<StopRecorder>,
     }
 
     fn kbc() -> Kbc {
         let (irq1, irq12) = (Count::default(), Count::default());
-        let ctl = Arc::new(VmControl::new());
+        let ctl = Arc::new(StopRecorder::default());
         let dev = I8042::new(ctl.clone(), Box::new(irq1.clone()), Box::new(irq12.clone()));
         Kbc {
             dev,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 
 use crate::bus::BusDevice;
-use crate::vmm::control::{SuspendReason, VmControl};
+use crate::devices::{SuspendReason, VmStop};
 
 pub const PM1A_EVT: u64 = 0x400;
 pub const PM1A_CNT: u64 = 0x404;
@@ -34,7 +34,7 @@ pub struct PmState {
     control: u16,
     start: Instant,
     vm: Arc<VmFd>,
-    ctl: Arc<VmControl>,
+    ctl: Arc<dyn VmStop>,
     sci_level: bool,
 }
 
@@ -62,7 +62,7 @@ pub type PortBlock = (&'static str, u64, u64, Arc<Mutex<dyn BusDevice>>);
 pub struct Pm(Arc<Mutex<PmState>>);
 
 impl Pm {
-    pub fn new(vm: Arc<VmFd>, ctl: Arc<VmControl>) -> Self {
+    pub fn new(vm: Arc<VmFd>, ctl: Arc<dyn VmStop>) -> Self {
         Pm(Arc::new(Mutex::new(PmState {
             status: 0,
             enable: 0,
@@ -180,7 +180,7 @@ impl BusDevice for Pm1Control {
             let typ = (v >> 10) & 7;
             if typ == SLP_TYP_S5 {
                 log::info!("guest powered off (S5 through PM1a_CNT)");
-                s.ctl.suspend(SuspendReason::PowerOff);
+                s.ctl.stop(SuspendReason::PowerOff);
             } else {
                 log::info!(
                     "guest asked for sleep state SLP_TYP {typ}, which rhyve does not support"

@@ -4,17 +4,17 @@
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
-use crate::vmm::control::{SuspendReason, VmControl};
+use crate::devices::{SuspendReason, VmStop};
 
 const RST_CPU: u8 = 0x04;
 
 pub struct ResetControl {
     value: u8,
-    ctl: Arc<VmControl>,
+    ctl: Arc<dyn VmStop>,
 }
 
 impl ResetControl {
-    pub fn new(ctl: Arc<VmControl>) -> Self {
+    pub fn new(ctl: Arc<dyn VmStop>) -> Self {
         ResetControl { value: 0, ctl }
     }
 }
@@ -33,7 +33,7 @@ impl BusDevice for ResetControl {
             self.value = *v & !RST_CPU;
             if *v & RST_CPU != 0 {
                 log::info!("guest reset through port 0xcf9");
-                self.ctl.suspend(SuspendReason::Reset);
+                self.ctl.stop(SuspendReason::Reset);
             }
         }
     }

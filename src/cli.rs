@@ -3,9 +3,8 @@
 //! Options are applied in the order given, so a later `-o` or `-k` overrides an earlier one,
 //! exactly as in bhyve. Letters and meanings follow bhyve(8); `-v` (more log output) is ours.
 
-use super::{parse_memsize, parse_u64, Config, ConfigError};
-use crate::devices::legacy::lpc;
-use crate::pci;
+use crate::config::{is_uuid, parse_memsize, schema, Config, ConfigError};
+use crate::emulations::{self as pci, lpc};
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -146,7 +145,11 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
         1 => cfg.set("name", &positional[0])?,
         _ => return Err(CliError::ExtraArgument(positional[1].clone())),
     }
-    super::schema::finish(&mut cfg)?;
+    lpc::add_implied_bridges(&mut cfg)?;
+    schema::finish(
+        &mut cfg,
+        &[("pci.", pci::validate_key), ("lpc.", lpc::validate_key)],
+    )?;
     Ok(Parsed {
         action: Action::Run(cfg),
         verbosity,
@@ -294,42 +297,10 @@ fn parse_gdb(cfg: &mut Config, arg: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-/// Parses a host CPU list such as `1,3,5-7` (the value of `vcpu.N.cpuset`).
-pub fn parse_cpulist(s: &str) -> Option<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in s.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (parse_u64(a)? as usize, parse_u64(b)? as usize);
-                if a > b || b >= libc::CPU_SETSIZE as usize {
-                    return None;
-                }
-                cpus.extend(a..=b);
-            }
-            None => {
-                let c = parse_u64(part)? as usize;
-                if c >= libc::CPU_SETSIZE as usize {
-                    return None;
-                }
-                cpus.push(c);
-            }
-        }
-    }
-    Some(cpus)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_cpulist;
 
     fn run(args: &[&str]) -> Config {
         match parse(args).unwrap().action {
