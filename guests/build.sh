@@ -22,3 +22,4 @@ for src in "$here"/rom/*.S; do
     build "$name" "$src"
 done
 build outloop0 "$here/rom/outloop.S" -DLOOPS=1
+build virtio_rnd_stay "$here/rom/virtio_rnd.S" -DSTAY

@@ -3,7 +3,7 @@
 # .cache/l1/, rebuilt when this script or its library changes):
 #   vmlinuz     Debian's cloud kernel (scripts/fetch-linux.sh), the same one the tests boot
 #   initrd.img  an amd64 busybox initramfs with the virtio, virtiofs, KVM (kvm-amd: QEMU's TCG
-#               emulates an AMD CPU with SVM), tun and veth modules, and an /init that mounts
+#               emulates an AMD CPU with SVM), tun, veth and bridge modules, and an /init that mounts
 #               the host's root (shared by virtiofsd as "host"), gives it L1's own /dev (with
 #               /dev/kvm), /proc, /sys, /tmp and /run, runs the command named by l1.run= in it
 #               and writes its exit status to the file named by l1.status=, then powers off.
@@ -39,7 +39,7 @@ rootfs=$work/rootfs
 busybox amd64 "$work/bb"
 mkdir -p "$rootfs"/{bin,dev,proc,sys,host,lib/modules}
 cp "$work/bb/bin/busybox" "$rootfs/bin/busybox"
-for m in virtio_pci virtiofs kvm_amd tun veth; do add_mod "$m"; done
+for m in virtio_pci virtiofs kvm_amd tun veth bridge; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" >"$rootfs/lib/modules/order"
 
 cat >"$rootfs/init" <<'INIT'

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in gcc:gcc as:binutils ld:binutils objcopy:binutils nm:binutils unshare:util-linux ip:iproute2 \
     ping:iputils-ping iasl:acpica-tools cpio:cpio mkfs.ext4:e2fsprogs debugfs:e2fsprogs \
-    qemu-system-x86_64:qemu-system-x86 bc:bc; do
+    qemu-system-x86_64:qemu-system-x86 bc:bc curl:curl; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -21,5 +21,15 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
+# Python's venv module (Debian packages it apart), for schemathesis's venv.
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing python3-venv" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
+# schemathesis (PyPI), which checks the API server against docs/api/openapi.yaml.
+scripts/api-check.sh --install
 # The stock Linux kernel the tests boot (cached under .cache/linux).
 scripts/fetch-linux.sh >/dev/null

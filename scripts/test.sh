@@ -33,15 +33,15 @@ case $kind in
     *) here=$nested ; rg=$nested ; threads=(--test-threads=1) ; rgthreads=(--test-threads=1) ; prof=(--release) ;;
 esac
 if [ "$mode" = "--fast" ]; then
-    cargo test --lib --no-run --quiet
-    exec $here cargo test --lib
+    cargo test --workspace --lib --no-run --quiet
+    exec $here cargo test --workspace --lib
 fi
 cargo fmt --all -- --check
 python3 scripts/layers.py
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Build everything on the host (native speed); the runs below only execute.
-cargo test --no-run --quiet
-[ ${#prof[@]} -eq 0 ] || cargo test "${prof[@]}" --no-run --quiet
+cargo test --workspace --no-run --quiet
+[ ${#prof[@]} -eq 0 ] || cargo test "${prof[@]}" --workspace --no-run --quiet
 if [ "$mode" != "--no-linux" ]; then
     cargo test --release --no-run --quiet --test real_guest --test linux
     # Built here: the nested harness has no network to download Debian's packages.
@@ -101,7 +101,9 @@ run() {
     [ "$s" -eq 0 ] || status=$s
 }
 set +e
-run 300 cargo test --no-fail-fast --lib --bins
+run 300 cargo test --no-fail-fast --workspace --lib --bins
+# rhyvectl's own binary tests (exit statuses against in-test servers; no KVM).
+run 300 cargo test --no-fail-fast -p rhyvectl --test cli
 if [ -n "$here" ]; then
     for t in tests/*.rs; do
         t=$(basename "$t" .rs)

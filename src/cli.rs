@@ -11,8 +11,12 @@ use crate::emulations::{self as pci, lpc};
 pub enum Action {
     /// Build and run the VM described by the tree.
     Run(Config),
-    /// `-h`: print usage and exit 0.
+    /// `-h`, `--help`: print usage and exit 0.
     Help,
+    /// `--version`: print the version and exit 0.
+    Version,
+    /// `--api-socket PATH` without a VM: serve the API and wait to be given a VM over it.
+    Serve(Config),
     /// `-s help`: list PCI emulations.
     ListPci,
     /// `-l help`: list LPC devices.
@@ -27,7 +31,7 @@ pub struct Parsed {
 }
 
 pub const USAGE: &str = "\
-Usage: rhyve [-aCDeHhPSuvwxWY]
+Usage: rhyve [-aCDeHhPSuvwxWY] [--api-socket PATH | --api]
        [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
        [-G [w][addr:]port] [-k config_file] [-l lpc] [-m mem] [-o var=value]
        [-p vcpu:hostcpu] [-r file] [-s pci] [-U uuid] vmname
@@ -56,7 +60,17 @@ Usage: rhyve [-aCDeHhPSuvwxWY]
        -x: local APIC is in x2APIC mode
        -Y: disable MPtable generation
   Linux guests: -o boot.kernel=PATH -o boot.initrd=PATH -o boot.cmdline=STRING
+  Control API (cloud-hypervisor's REST API on a unix socket; README.md, rhyvectl):
+       --api-socket PATH: serve it at PATH (config key api.socket); with no vmname,
+                          wait for a VM to be created over the API
+       --api: serve it at /run/rhyve/VMNAME.sock (rhyvectl --vm=VMNAME finds it)
+       --help, --version
 ";
+
+/// Where `--api` puts the API socket of VM `name` (`rhyvectl --vm=NAME` looks there).
+pub fn default_api_socket(name: &str) -> String {
+    format!("/run/rhyve/{name}.sock")
+}
 
 /// Option letters that take an argument (bhyve's getopt string, plus none of ours).
 const WITH_ARG: &str = "cGkKlmopfrsU";
@@ -67,10 +81,16 @@ const FLAGS: &str = "aACDeHhIPSuvWwxY";
 pub enum CliError {
     #[error("unknown option -{0} (rhyve -h lists the options)")]
     UnknownOption(char),
+    #[error("unknown option --{0} (rhyve --help lists the options)")]
+    UnknownLongOption(String),
     #[error("option -{0} needs an argument (rhyve -h)")]
     MissingArgument(char),
     #[error("-{opt} {arg}: {msg}")]
     BadArgument { opt: char, arg: String, msg: String },
+    #[error("-r restores the snapshot's vCPUs and memory: leave out -c and -m")]
+    RestoreShape,
+    #[error("option --{0} needs an argument (rhyve --help)")]
+    MissingLongArgument(String),
     #[error("a VM name is required as the last argument (rhyve -h)")]
     NoName,
     #[error("only one VM name may be given, found '{0}' after it")]
@@ -92,6 +112,8 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
     let mut cfg = Config::new();
     let mut verbosity = 0u8;
     let mut positional: Vec<String> = Vec::new();
+    let mut api_by_name = false;
+    let mut shaped = false;
     let mut i = 0;
     while i < args.len() {
         let arg = args[i].as_ref();
@@ -104,6 +126,43 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
         if arg == "--" {
             positional.extend(args[i..].iter().map(|a| a.as_ref().to_string()));
             break;
+        }
+        if let Some(long) = arg.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (long, None),
+            };
+            match name {
+                "help" => {
+                    return Ok(Parsed {
+                        action: Action::Help,
+                        verbosity,
+                    })
+                }
+                "version" => {
+                    return Ok(Parsed {
+                        action: Action::Version,
+                        verbosity,
+                    })
+                }
+                "api" => api_by_name = true,
+                "api-socket" => {
+                    let path = match inline {
+                        Some(v) => v,
+                        None if i < args.len() => {
+                            i += 1;
+                            args[i - 1].as_ref().to_string()
+                        }
+                        None => return Err(CliError::MissingLongArgument(name.into())),
+                    };
+                    if path.is_empty() {
+                        return Err(CliError::MissingLongArgument(name.into()));
+                    }
+                    cfg.set("api.socket", &path)?;
+                }
+                _ => return Err(CliError::UnknownLongOption(name.into())),
+            }
+            continue;
         }
         let mut letters = arg[1..].char_indices();
         for (pos, opt) in letters.by_ref() {
@@ -133,6 +192,7 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
             } else {
                 return Err(CliError::MissingArgument(opt));
             };
+            shaped |= matches!(opt, 'c' | 'm');
             match apply_option(&mut cfg, opt, &value)? {
                 Some(action) => return Ok(Parsed { action, verbosity }),
                 None => break,
@@ -140,10 +200,27 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Parsed, CliError> {
         }
     }
     match positional.len() {
+        0 if cfg.get_raw("name").is_none() && cfg.get_raw("api.socket").is_some() => {
+            // Only the API: anything about a VM needs the VM's name.
+            if api_by_name || cfg.pairs().iter().any(|(k, _)| k != "api.socket") {
+                return Err(CliError::NoName);
+            }
+            return Ok(Parsed {
+                action: Action::Serve(cfg),
+                verbosity,
+            });
+        }
         0 if cfg.get_raw("name").is_none() => return Err(CliError::NoName),
         0 => {}
         1 => cfg.set("name", &positional[0])?,
         _ => return Err(CliError::ExtraArgument(positional[1].clone())),
+    }
+    if shaped && cfg.get_raw("restore.file").is_some() {
+        return Err(CliError::RestoreShape);
+    }
+    if api_by_name {
+        let name = cfg.get("name")?.unwrap_or_default();
+        cfg.set("api.socket", &default_api_socket(&name))?;
     }
     lpc::add_implied_bridges(&mut cfg)?;
     schema::finish(

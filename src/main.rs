@@ -1,15 +1,15 @@
-//! The `rhyve` command: bhyve(8)'s command line and exit status on Linux KVM.
+//! The `rhyve` command: bhyve(8)'s command line and exit status on Linux KVM, and
+//! cloud-hypervisor's control API on a unix socket (`--api-socket`).
 
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
+use rhyve::api::Api;
 use rhyve::cli::{self, Action, USAGE};
-use rhyve::devices::legacy::pm::Pm;
+use rhyve::control_plane::Controller;
 use rhyve::emulations::{self, lpc};
-use rhyve::vmm::control::{SuspendReason, VmControl};
 use rhyve::vmm::main_loop::Signals;
-use rhyve::vmm::Vm;
-use rhyve::{logging, term};
+use rhyve::{logging, term, timeline};
 
 /// Status for every error that stops rhyve before or while running the guest (bhyve(8)).
 const EXIT_ERROR: u8 = 4;
@@ -35,30 +35,8 @@ fn block_control_signals() -> libc::sigset_t {
     }
 }
 
-/// SIGTERM presses the ACPI power button (bhyve): a guest that enabled ACPI shuts itself down
-/// and powers off (status 1). When nothing can receive the button (ACPI not enabled, or the
-/// button event masked), or on a second SIGTERM, rhyve powers the VM off itself. SIGINT, SIGHUP
-/// and SIGQUIT stop it as an error (status 4). Either way the vCPUs leave their loops and the
-/// terminal is restored on the normal exit path.
-fn on_signal(ctl: Arc<VmControl>, pm: Pm) -> impl FnMut(i32) {
-    let mut pressed = false;
-    move |sig| {
-        if sig == libc::SIGTERM {
-            if !pressed && pm.power_button() {
-                log::info!("SIGTERM: power button pressed");
-                pressed = true;
-            } else {
-                log::info!("SIGTERM: powering off");
-                ctl.suspend(SuspendReason::PowerOff);
-            }
-        } else {
-            eprint!("rhyve: stopped by signal {sig}\r\n");
-            ctl.suspend(SuspendReason::Error);
-        }
-    }
-}
-
 fn main() -> ExitCode {
+    timeline::start_clock();
     term::install_crash_handlers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = match cli::parse(&args) {
@@ -66,9 +44,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
     logging::init(parsed.verbosity);
-    let cfg = match parsed.action {
+    let (cfg, serve_only) = match parsed.action {
         Action::Help => {
             print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Action::Version => {
+            println!("rhyve {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
         Action::ListPci => {
@@ -79,7 +61,8 @@ fn main() -> ExitCode {
             print!("{}", lpc::help_text());
             return ExitCode::SUCCESS;
         }
-        Action::Run(cfg) => cfg,
+        Action::Run(cfg) => (cfg, false),
+        Action::Serve(cfg) => (cfg, true),
     };
     match cfg.get_bool("config.dump", false) {
         Ok(true) => {
@@ -90,22 +73,30 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     }
 
+    if let Some(path) = cfg.get_raw("debug.timeline") {
+        if let Err(e) = timeline::enable(path) {
+            return fail(e);
+        }
+    }
     let sigset = block_control_signals();
-    let mut vm = match Vm::create(&cfg) {
-        Ok(vm) => vm,
-        Err(e) => return fail(e),
-    };
     let signals = match Signals::new(&sigset) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot read signals through a signalfd: {e}")),
     };
-    let mut handler = on_signal(vm.control(), vm.pm.clone());
-    if let Err(e) = vm.start() {
-        vm.wait();
-        return fail(e);
+    let api = match cfg.get_raw("api.socket") {
+        Some(path) => match Api::start(Path::new(path)) {
+            Ok(a) => Some(a),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let mut ctl = Controller::new(api, (!serve_only).then_some(cfg));
+    if !serve_only {
+        if let Err(e) = ctl.boot() {
+            return fail(e);
+        }
     }
-    let reason = vm.run(Some((&signals, &mut handler)));
+    let status = ctl.run(&signals);
     term::restore();
-    log::info!("vm stopped: {reason:?}");
-    ExitCode::from(reason.exit_status() as u8)
+    ExitCode::from(status)
 }

@@ -312,26 +312,44 @@ fn exit_stats_and_rip_samples_show_where_a_guest_spins() {
     assert!(v1.iter().all(|r| r[4] == "W"), "{text}");
 }
 
-/// The VmFlags of the mapping in /proc/PID/smaps that is exactly `size` bytes long.
-fn mapping_flags(pid: u32, size: u64) -> Option<String> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut this = false;
+/// The VmFlags of guest RAM's mapping in /proc/PID/smaps, and every large mapping's first
+/// line (for the failure message). Guest RAM is the smallest writable anonymous mapping of at
+/// least `size` bytes: the kernel merges it with an adjacent anonymous mapping whose flags
+/// match (with `-C` nothing sets it apart from, say, the ROM's), so its mapping can be larger
+/// than the RAM; nothing else rhyve maps is that large.
+fn mapping_flags(pid: u32, size: u64) -> (Option<String>, String) {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return (None, format!("no /proc/{pid}/smaps"));
+    };
+    let mut big = String::new();
+    let mut best: Option<(u64, String)> = None;
+    let mut this: Option<u64> = None;
     for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    this = b - a == size;
-                    continue;
+        let mut f = line.split_whitespace();
+        let range = f.next().unwrap_or("");
+        if let Some((a, b)) = range.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let perms = f.next().unwrap_or("");
+                let inode = f.nth(2).unwrap_or("");
+                let len = b.saturating_sub(a);
+                if len >= size {
+                    big.push_str(line);
+                    big.push('\n');
                 }
+                let anon_rw = perms.starts_with("rw") && inode == "0";
+                this = (anon_rw && len >= size).then_some(len);
+                continue;
             }
         }
-        if this {
-            if let Some(f) = line.strip_prefix("VmFlags:") {
-                return Some(f.trim().to_string());
+        if let (Some(len), Some(flags)) = (this, line.strip_prefix("VmFlags:")) {
+            big.push_str(line);
+            big.push('\n');
+            if best.as_ref().is_none_or(|(l, _)| len < *l) {
+                best = Some((len, flags.trim().to_string()));
             }
         }
     }
-    None
+    (best.map(|(_, f)| f), big)
 }
 
 /// bhyve `-S` wires guest memory (locked and resident, `lo` in smaps) and guest memory stays
@@ -349,7 +367,8 @@ fn dash_s_wires_guest_memory_and_dash_c_puts_it_in_core_dumps() {
         let pid = child.id();
         let mut g = LinuxGuest::new("spin", child);
         assert!(g.wait_for("spinning").is_some(), "{}", g.console);
-        let flags = mapping_flags(pid, RAM).unwrap_or_default();
+        let (flags, maps) = mapping_flags(pid, RAM);
+        let flags = flags.unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let vmlck_kib: u64 = status
             .lines()
@@ -362,12 +381,186 @@ fn dash_s_wires_guest_memory_and_dash_c_puts_it_in_core_dumps() {
         let words: Vec<&str> = flags.split_whitespace().collect();
         assert!(
             !words.is_empty(),
-            "{extra:?}: no {RAM}-byte guest RAM mapping in smaps"
+            "{extra:?}: no guest RAM mapping of {RAM} bytes or more in smaps:\n{maps}"
         );
-        assert_eq!(words.contains(&"lo"), locked, "{extra:?}: VmFlags {flags}");
-        assert_eq!(words.contains(&"dd"), !dumped, "{extra:?}: VmFlags {flags}");
+        assert_eq!(
+            words.contains(&"lo"),
+            locked,
+            "{extra:?}: VmFlags {flags}\n{maps}"
+        );
+        assert_eq!(
+            words.contains(&"dd"),
+            !dumped,
+            "{extra:?}: VmFlags {flags}\n{maps}"
+        );
         if locked {
             assert!(vmlck_kib * 1024 >= RAM, "{extra:?}: VmLck {vmlck_kib} kB");
         }
     }
+}
+
+/// The vCPU mailbox: a paused vCPU answers "save your state" and "take this state" from its
+/// own thread. The state saved twice while paused is the same; a restored state takes effect:
+/// the BSP, sent to a `hlt` with interrupts off, halts for good and the VM ends with status 2.
+#[test]
+fn a_paused_vcpu_saves_and_restores_its_state_through_its_mailbox() {
+    use rhyve::vmm::control::RunState;
+    require_kvm();
+    let mut vm = start_spin_vm(&[], "statevm");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&vm) < 1000 {
+        assert!(Instant::now() < deadline, "guest never started counting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ctl = vm.control();
+    let msrs: Vec<u32> = kvm_ioctls::Kvm::new()
+        .expect("/dev/kvm")
+        .get_msr_index_list()
+        .expect("KVM_GET_MSR_INDEX_LIST")
+        .as_slice()
+        .to_vec();
+    let t = Duration::from_secs(20);
+    let e = ctl.save_vcpu(0, msrs.clone(), t).unwrap_err();
+    assert!(e.contains("pause the VM first"), "{e}");
+
+    vm.pause().expect("pause");
+    assert_eq!(ctl.vcpu_state(0), Some(RunState::Paused));
+    assert_eq!(
+        ctl.vcpu_state(1),
+        Some(RunState::Paused),
+        "the AP parks too"
+    );
+    let s = ctl
+        .save_vcpu(0, msrs.clone(), t)
+        .expect("vcpu 0 saves its state");
+    assert_eq!(s.id, 0);
+    assert!(!s.msrs.is_empty(), "MSRs read");
+    let again = ctl.save_vcpu(0, msrs.clone(), t).expect("and again");
+    let json = |v: &dyn erased_serde_free::Json| v.json();
+    assert_eq!(
+        json(&s.regs),
+        json(&again.regs),
+        "registers stay put while paused"
+    );
+    assert_eq!(json(&s.sregs), json(&again.sregs));
+    let frozen = counter(&vm);
+
+    // The state of vcpu 0 is refused by vcpu 1.
+    let other = ctl.save_vcpu(0, msrs.clone(), t).expect("a copy");
+    let e = ctl.restore_vcpu(1, other, t).unwrap_err();
+    assert!(e.contains("given the state of vcpu 0"), "{e}");
+
+    // A `hlt` in RAM, and vcpu 0 restored to it with interrupts off.
+    const HLT_AT: u64 = 0x8000;
+    vm.guest_memory()
+        .write_obj(0xf4u8, GuestAddress(HLT_AT))
+        .expect("write hlt");
+    let mut s = s;
+    s.regs.rip = HLT_AT;
+    s.regs.rflags &= !(1 << 9);
+    ctl.restore_vcpu(0, s, t).expect("vcpu 0 takes the state");
+    let back = ctl.save_vcpu(0, msrs, t).expect("saved after restore");
+    assert_eq!(
+        back.regs.rip, HLT_AT,
+        "the restored registers are the vCPU's"
+    );
+    vm.resume();
+    assert_eq!(
+        vm.wait(),
+        SuspendReason::Halt,
+        "the BSP halted where it was sent"
+    );
+    assert_eq!(counter(&vm), frozen, "the spin loop never ran again");
+    assert_eq!(ctl.vcpu_state(0), Some(RunState::Exited));
+}
+
+/// The KVM structures the test compares, as JSON.
+mod erased_serde_free {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("serialises")
+        }
+    }
+}
+
+/// Every device of a paused VM (PCI functions, a virtio device among them, and the legacy
+/// ones) saves its state; a second VM built from the same options takes it, and saves the same
+/// state again. A state the second VM has no device for is refused.
+#[test]
+fn a_paused_vms_devices_round_trip_into_a_fresh_vm() {
+    require_kvm();
+    let opts = ["-s", "3,virtio-rnd", "-s", "4,dummy"];
+    let vm = start_spin_vm(&opts, "devstate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&vm) < 1000 {
+        assert!(Instant::now() < deadline, "guest never started counting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vm.save_devices().is_err(), "no device state while running");
+    vm.pause().expect("pause");
+    let saved = vm.save_devices().expect("every device saves");
+    let keys: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
+    for k in [
+        "pci/root",
+        "pci/0:3.0",
+        "pci/0:4.0",
+        "lpc/rtc",
+        "lpc/pm",
+        "lpc/i8042",
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+    let vcpus = vm.save_vcpus().expect("every vCPU saves");
+    assert_eq!(vcpus.len(), 2);
+
+    let bootrom = format!("bootrom,{}", rom("spin"));
+    let mut args: Vec<String> = ["-c", "2"].iter().map(|a| a.to_string()).collect();
+    args.extend(opts.iter().map(|a| a.to_string()));
+    args.extend(["-l".to_string(), bootrom, "devstate2".to_string()]);
+    let Action::Run(cfg) = cli::parse(&args).expect("the test options parse").action else {
+        panic!("expected a VM config")
+    };
+    let fresh = Vm::create(&cfg).expect("create the second VM");
+    fresh.pause().expect("pause the second VM");
+    fresh
+        .restore_devices(&saved)
+        .expect("the second VM takes the state");
+    let again = fresh.save_devices().expect("and saves it again");
+    assert_eq!(again.len(), saved.len());
+    for ((k1, s1), (k2, s2)) in saved.iter().zip(&again) {
+        assert_eq!(k1, k2);
+        assert_eq!(s1, s2, "{k1}: saved again after restore, the state differs");
+    }
+    let mut extra = saved.clone();
+    let (_, s) = extra[0].clone();
+    extra.push(("pci/0:9.0".into(), s));
+    assert!(fresh.restore_devices(&extra).is_err(), "no device at 0:9.0");
+    // Started while paused (as a restore will), its vCPUs park before their first KVM_RUN.
+    let mut fresh = fresh;
+    fresh.start().expect("start the second VM");
+    let c2 = fresh.control();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c2.vcpu_state(0) != Some(rhyve::vmm::control::RunState::Paused) {
+        assert!(
+            Instant::now() < deadline,
+            "vcpu 0 of a paused VM never parked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter(&fresh), 0, "no guest code ran before resume");
+    fresh.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&fresh) < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "the second VM never ran after resume"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fresh);
+    vm.resume();
 }

@@ -3,6 +3,8 @@
  * queue 0 (8 entries) in low RAM, posts 16-byte write-only buffers, kicks the notify area and
  * polls the used ring. Also posts a buffer outside guest memory and a looping descriptor
  * chain: the device must complete them without harm and keep working.
+ * Built a second time with -DSTAY (virtio_rnd_stay.rom): it then idles when done instead of
+ * returning to the reset, for tests that read the device's counters while the guest is up.
  */
 #include "rom.h"
 #define DEV             0xe0020000
@@ -58,6 +60,11 @@ main:
         movb    $0, 0x14(%edi)                  /* reset the device */
         movzbl  0x14(%edi), %eax
         SHOW    "status after reset "
+#ifdef STAY
+1:      sti
+        hlt
+        jmp     1b
+#endif
         ret
 
 /* request: one 16-byte write-only buffer at %eax in descriptor 0; returns used len in %eax. */

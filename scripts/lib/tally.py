@@ -16,7 +16,9 @@ import sys
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0e-\x1f]")
 START = re.compile(r"^test (\S+) \.\.\. ?(.*)$")
-RUNNING = re.compile(r"^\s*Running (.+?)(?: \(|$)")
+# "Running unittests src/lib.rs (target/debug/deps/rhyve_pci-0123abcd...)": every crate's unit
+# tests are "unittests src/lib.rs", so the binary's crate name (less its hash) tells them apart.
+RUNNING = re.compile(r"^\s*Running (.+?)(?: \((?:[^)]*/)?([A-Za-z0-9_]+?)(?:-[0-9a-f]+)?\))?$")
 STALL = re.compile(r"^test: harness stall")
 RERUN = re.compile(r"^test: harness rerun")
 RETRY = re.compile(r"^harness: retry")
@@ -40,7 +42,7 @@ def tally(lines):
         line = ANSI.sub("", raw).rstrip("\r\n")
         m = RUNNING.match(line)
         if m:
-            binary = m.group(1)
+            binary = m.group(1) + (f" [{m.group(2)}]" if m.group(2) else "")
             pending = None
             continue
         if STALL.match(line):

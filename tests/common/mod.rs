@@ -2,10 +2,13 @@
 //! a deadline, and fail loudly (never skip) when /dev/kvm is missing.
 #![allow(dead_code)]
 
+pub mod api;
+
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Panics with a clear message when KVM is unavailable: a KVM test must fail, not pass.
@@ -107,22 +110,15 @@ pub fn wait_or_kill(mut child: Child, limit: Duration) -> Result<Run, String> {
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            return Err(err);
+            return Err(take_stderr(&mut child));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stdout = String::new();
-    let mut stderr = String::new();
     if let Some(mut o) = child.stdout.take() {
         let _ = o.read_to_string(&mut stdout);
     }
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = take_stderr(&mut child);
     Ok(Run {
         status,
         stdout,
@@ -130,15 +126,81 @@ pub fn wait_or_kill(mut child: Child, limit: Duration) -> Result<Run, String> {
     })
 }
 
-/// Starts rhyve with `args`, stdin from `stdin`, stdout and stderr captured.
+/// What `drain_stderr` has read so far, by child pid.
+type Drained = Arc<Mutex<Vec<u8>>>;
+type Readers = Mutex<HashMap<u32, (Drained, std::thread::JoinHandle<()>)>>;
+fn drained() -> &'static Readers {
+    static D: OnceLock<Readers> = OnceLock::new();
+    D.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Reads `child`'s stderr pipe on a thread of its own from now on, so a child that logs more
+/// than a pipe holds (64 KiB) while the test is busy elsewhere never blocks on the write
+/// (a rebooting `-v` VM does within seconds). `take_stderr` and `wait_with_deadline` return
+/// what it read.
+pub fn drain_stderr(child: &mut Child) {
+    let Some(mut pipe) = child.stderr.take() else {
+        return;
+    };
+    let buf: Drained = Arc::default();
+    let sink = buf.clone();
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if let (Ok(mut b), Some(c)) = (sink.lock(), chunk.get(..n)) {
+                b.extend_from_slice(c);
+            }
+        }
+    });
+    if let Ok(mut d) = drained().lock() {
+        d.insert(child.id(), (buf, reader));
+    }
+}
+
+/// `child`'s stderr: from its pipe, or from `drain_stderr`'s thread; after the child has
+/// exited, all of it; before, what has come so far.
+pub fn take_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+        return err;
+    }
+    let exited = matches!(child.try_wait(), Ok(Some(_)));
+    let Ok(mut d) = drained().lock() else {
+        return err;
+    };
+    let buf = if exited {
+        // The child is gone, so its pipe ends: the reader finishes with all of it.
+        let entry = d.remove(&child.id());
+        drop(d);
+        entry.map(|(buf, reader)| {
+            let _ = reader.join();
+            buf
+        })
+    } else {
+        d.get(&child.id()).map(|(buf, _)| buf.clone())
+    };
+    if let Some(b) = buf.as_ref().and_then(|b| b.lock().ok()) {
+        err = String::from_utf8_lossy(&b).into_owned();
+    }
+    err
+}
+
+/// Starts rhyve with `args`, stdin from `stdin`, stdout and stderr captured (stderr read
+/// as it comes: `drain_stderr`).
 pub fn spawn_with(args: &[&str], stdin: Stdio) -> Child {
-    rhyve()
+    let mut child = rhyve()
         .args(args)
         .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn rhyve")
+        .expect("spawn rhyve");
+    drain_stderr(&mut child);
+    child
 }
 
 /// Starts rhyve with `args` and stdin from /dev/null.
@@ -233,16 +295,19 @@ impl Netns {
 }
 
 impl Netns {
-    /// `rhyve ARGS` run inside this namespace, with stdout and stderr piped.
+    /// `rhyve ARGS` run inside this namespace, with stdout and stderr piped (stderr read as
+    /// it comes: `drain_stderr`).
     pub fn spawn_rhyve(&self, args: &[&str]) -> Child {
-        Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_rhyve")])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("run rhyve in the namespace")
+            .expect("run rhyve in the namespace");
+        drain_stderr(&mut child);
+        child
     }
 
     /// Waits (up to `limit`) for `tap` to appear in the namespace (rhyve creates it), then

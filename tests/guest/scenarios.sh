@@ -165,3 +165,20 @@ scenario_default() {
         fi
     fi
 }
+
+# Numbered records, each written to its own 512-byte sector of vda (record N in sector N)
+# with O_DIRECT and fsync, and pings to the host every 0.2 s, until the host stops the guest:
+# snapshot/restore and live migration must keep both going (tests/real_guest.rs reads the
+# disk and the ping replies afterwards).
+scenario_records() {
+    ip link set lo up
+    ip addr add "$(arg ip)" dev eth0 && ip link set eth0 up
+    ping -i 0.2 "$(arg peer)" &
+    i=1
+    while :; do
+        printf 'record %08d\n' "$i" | dd of=/dev/vda bs=512 seek="$i" conv=sync,notrunc,fsync oflag=direct 2>/dev/null || say "records: writing $i failed"
+        say "record $i"
+        i=$((i + 1))
+        sleep 0.1
+    done
+}
