@@ -136,7 +136,15 @@ fn a_guest_writing_memory_fast_arrives_with_every_page_intact() {
         .find(|l| l.contains("migrated to"))
         .unwrap_or_else(|| panic!("no migration line: {}", r.stderr))
         .to_string();
-    assert!(line.contains("(3 rounds"), "{line}");
+    // How many rounds it takes depends on how fast the guest ran meanwhile (a shared machine
+    // converged after 2 once); that it took at least one, within the limit, and still had
+    // pages for the pause, does not.
+    let rounds: u32 = line
+        .split_once('(')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no round count: {line}"));
+    assert!((1..=3).contains(&rounds), "{line}");
     assert!(!line.contains(", 0 bytes paused"), "{line}");
     let after = wait_ticks(&b, 10);
     assert!(!after.contains("BAD"), "a page arrived wrong: {after}");

@@ -392,6 +392,8 @@ pub struct LinuxGuest {
     lines: std::sync::mpsc::Receiver<String>,
     pub console: String,
     start: Instant,
+    /// When the console last printed a line.
+    last_line: Instant,
     pub stall: Duration,
     pub limit: Duration,
 }
@@ -417,6 +419,7 @@ impl LinuxGuest {
             lines: rx,
             console: String::new(),
             start: Instant::now(),
+            last_line: Instant::now(),
             stall: Duration::from_secs(300),
             limit: Duration::from_secs(900),
         }
@@ -437,11 +440,11 @@ impl LinuxGuest {
     /// stalls, panics or runs out of time (returns None).
     pub fn wait_for(&mut self, want: &str) -> Option<String> {
         use std::sync::mpsc::RecvTimeoutError;
-        let mut last = Instant::now();
+        self.last_line = Instant::now();
         loop {
             match self.lines.recv_timeout(Duration::from_secs(1)) {
                 Ok(line) => {
-                    last = Instant::now();
+                    self.last_line = Instant::now();
                     let line = line.trim_end_matches('\r').to_string();
                     let all = std::env::var_os("RHYVE_TEST_CONSOLE").is_some();
                     if all || line.contains("rhyve-guest:") || line.contains("Run /init") {
@@ -467,17 +470,37 @@ impl LinuxGuest {
                     }
                 }
                 Err(RecvTimeoutError::Timeout)
-                    if last.elapsed() < self.stall && self.start.elapsed() < self.limit => {}
+                    if self.last_line.elapsed() < self.stall
+                        && self.start.elapsed() < self.limit => {}
                 Err(_) => return None,
             }
         }
     }
 
-    /// Reads the console to its end and waits for rhyve's exit (killing it if the console
-    /// stalled); returns the exit.
+    /// Reads the console to its end and waits for rhyve's exit; returns the exit. A console
+    /// that stalled or ran out of time fails the test at once, rhyve killed, with how long
+    /// the console was silent, its last lines and rhyve's stderr.
     pub fn finish(&mut self) -> Run {
         self.wait_for("");
-        let child = self.child.take().expect("finish once");
+        let mut child = self.child.take().expect("finish once");
+        let running = matches!(child.try_wait(), Ok(None));
+        let silent = self.last_line.elapsed();
+        if running && (silent >= self.stall || self.start.elapsed() >= self.limit) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = take_stderr(&mut child);
+            let lines: Vec<&str> = self.console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            panic!(
+                "[{}] the console was silent for {:.0} s (stall limit {:?}) after {:.0} s in all \
+                 ({} lines printed); rhyve killed\nrhyve's stderr: {stderr}\nlast console lines:\n{tail}",
+                self.tag,
+                silent.as_secs_f64(),
+                self.stall,
+                self.start.elapsed().as_secs_f64(),
+                lines.len()
+            );
+        }
         let r = wait_with_deadline(child, Duration::from_secs(60));
         eprintln!(
             "[{} {:6.1} s] rhyve exited with status {}",
