@@ -37,6 +37,14 @@ for cmd in qemu-system-x86_64:qemu-system-x86; do
         exit 1
     }
 done
+# L1 shares the host's root except its own /tmp, /run, /dev, /proc and /sys: a checkout there
+# is not what L1 sees (the run would end with "L1 ended without the command's exit status").
+case "$PWD/" in
+/tmp/* | /run/* | /dev/* | /proc/* | /sys/*)
+    echo "nested: $PWD is under a directory L1 does not share with this host (/tmp, /run, /dev, /proc, /sys are its own): run from a checkout elsewhere" >&2
+    exit 1
+    ;;
+esac
 virtiofsd=/usr/lib/qemu/virtiofsd
 [ -x "$virtiofsd" ] || { echo "nested: $virtiofsd is missing: apt-get install qemu-system-common" >&2; exit 1; }
 l1=$("$here/build-l1.sh")

@@ -13,6 +13,8 @@ for pair in gcc:gcc as:binutils ld:binutils objcopy:binutils nm:binutils unshare
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# Firmware the firmware tests boot (qboot; QEMU's own ROMs for the nested harness).
+[ -e /usr/share/qemu/qboot.rom ] || need+=(qemu-system-data)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

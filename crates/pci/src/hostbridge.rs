@@ -1,5 +1,7 @@
 //! PCI host bridge at 0:0.0 (bhyve `pci_hostbridge.c`): identity only, no BARs. `vendor` and
-//! `devid` override the IDs; `amd_hostbridge` uses AMD's. `IdentityFunction` also serves the
+//! `devid` override the IDs; `amd_hostbridge` uses AMD's; `model=i440fx` presents QEMU's pc
+//! machine's bridge (Intel 82441FX, 8086:1237), which firmware built for QEMU (qboot,
+//! SeaBIOS) looks for before it sets the machine up. `IdentityFunction` also serves the
 //! LPC bridge's PCI function.
 
 use super::config::ConfigSpace;
@@ -90,13 +92,32 @@ fn with_ids(
     ))
 }
 
-/// bhyve's IDs: 0x1275:0x1275.
+/// The named models `model=` takes, with their vendor and device IDs.
+pub const MODELS: &[(&str, u16, u16)] = &[("bhyve", 0x1275, 0x1275), ("i440fx", 0x8086, 0x1237)];
+
+/// bhyve's IDs (0x1275:0x1275), or a named model's.
 pub fn init(
     _ctx: &super::PciInitCtx,
     cfg: &Config,
     prefix: &str,
 ) -> Result<Box<dyn PciDevice>, String> {
-    with_ids(cfg, prefix, 0x1275, 0x1275)
+    let key = format!("{prefix}.model");
+    let model = cfg.get(&key).map_err(|e| e.to_string())?;
+    let (vendor, device) = match model.as_deref() {
+        None => (0x1275, 0x1275),
+        Some(m) => MODELS
+            .iter()
+            .find(|(n, _, _)| *n == m)
+            .map(|&(_, v, d)| (v, d))
+            .ok_or_else(|| {
+                let names: Vec<&str> = MODELS.iter().map(|(n, _, _)| *n).collect();
+                format!(
+                    "{key}: '{m}' is not a host bridge model ({})",
+                    names.join(", ")
+                )
+            })?,
+    };
+    with_ids(cfg, prefix, vendor, device)
 }
 
 /// AMD's host bridge IDs, as bhyve's `amd_hostbridge`.

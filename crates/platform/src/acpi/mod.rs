@@ -339,10 +339,21 @@ fn align(v: u64, a: u64) -> u64 {
     v.div_ceil(a).saturating_mul(a)
 }
 
-/// Builds every table and lays them out from `ACPI_BASE`.
-pub fn build(p: &Platform) -> Result<Tables, AcpiError> {
-    // Layout first (sizes do not depend on addresses, except through fixed-size fields).
-    let mut at = ACPI_BASE + 36; // after the RSDP
+/// The tables laid out from `start`: where each lands and the pointers between them.
+struct Layout {
+    rsdp: Vec<u8>,
+    tables: Vec<(u64, Vec<u8>)>,
+    fadt_at: u64,
+    xsdt_at: u64,
+    rsdt_at: u64,
+    /// How many tables the XSDT and RSDT list.
+    entries: usize,
+    end: u64,
+}
+
+fn lay_out(p: &Platform, start: u64) -> Layout {
+    // Sizes do not depend on addresses, except through fixed-size fields.
+    let mut at = start;
     let mut place = |len: usize, a: u64| {
         let base = align(at, a);
         at = base.saturating_add(len as u64);
@@ -377,11 +388,7 @@ pub fn build(p: &Platform) -> Result<Tables, AcpiError> {
     rsdt.update_checksum();
     let rsdt_b = rsdt.as_slice().to_vec();
     let rsdt_at = place(rsdt_b.len(), 16);
-    if at > ACPI_END {
-        return Err(AcpiError::TooBig(at.saturating_sub(ACPI_BASE)));
-    }
-    let mut blobs = vec![
-        (ACPI_BASE, rsdp(rsdt_at as u32, xsdt_at)),
+    let mut tables = vec![
         (facs_at, facs_b),
         (dsdt_at, dsdt_b),
         (fadt_at, fadt_b),
@@ -391,9 +398,104 @@ pub fn build(p: &Platform) -> Result<Tables, AcpiError> {
         (rsdt_at, rsdt_b),
     ];
     if let (Some(a), Some(b)) = (spcr_at, spcr_b) {
-        blobs.push((a, b));
+        tables.push((a, b));
     }
+    Layout {
+        rsdp: rsdp(rsdt_at as u32, xsdt_at),
+        tables,
+        fadt_at,
+        xsdt_at,
+        rsdt_at,
+        entries: entries.len(),
+        end: at,
+    }
+}
+
+/// Builds every table and lays them out from `ACPI_BASE` (the RSDP first).
+pub fn build(p: &Platform) -> Result<Tables, AcpiError> {
+    let l = lay_out(p, ACPI_BASE + 36);
+    if l.end > ACPI_END {
+        return Err(AcpiError::TooBig(l.end.saturating_sub(ACPI_BASE)));
+    }
+    let mut blobs = vec![(ACPI_BASE, l.rsdp)];
+    blobs.extend(l.tables);
     Ok(Tables { blobs })
+}
+
+/// The fw_cfg file names QEMU gives the tables, which firmware looks for.
+pub const LOADER_TABLES: &str = "etc/acpi/tables";
+pub const LOADER_RSDP: &str = "etc/acpi/rsdp";
+pub const LOADER_SCRIPT: &str = "etc/table-loader";
+
+/// The tables as QEMU hands them to firmware over fw_cfg: one blob holding every table (its
+/// pointers are offsets into the blob), the RSDP on its own (pointing into the blob), and the
+/// loader script that places both in guest memory, adds the blob's address to each pointer
+/// and recomputes the checksums of the tables it patched. Those checksum bytes are zero in
+/// the blobs, so firmware that computes the checksum of the rest (OVMF) and firmware that
+/// subtracts the sum (SeaBIOS, qboot) get the same result.
+pub struct LoaderTables {
+    pub tables: Vec<u8>,
+    pub rsdp: Vec<u8>,
+    pub script: Vec<u8>,
+}
+
+// The offsets are into a blob of a few KiB this function builds (nothing the guest gives).
+#[allow(clippy::arithmetic_side_effects)]
+pub fn build_for_loader(p: &Platform) -> LoaderTables {
+    use rhyve_devices::legacy::fw_cfg::{TableLoader, Zone};
+    let l = lay_out(p, 0);
+    let mut tables = vec![0u8; l.end as usize];
+    for (at, blob) in &l.tables {
+        if let Some(dst) = tables.get_mut(*at as usize..(*at as usize).saturating_add(blob.len())) {
+            dst.copy_from_slice(blob);
+        }
+    }
+    let mut rsdp = l.rsdp;
+    let len_of = |at: u64| {
+        tables
+            .get(at as usize + 4..at as usize + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    let (fadt, xsdt, rsdt) = (l.fadt_at as u32, l.xsdt_at as u32, l.rsdt_at as u32);
+    let patched = [
+        (fadt, len_of(l.fadt_at)),
+        (xsdt, len_of(l.xsdt_at)),
+        (rsdt, len_of(l.rsdt_at)),
+    ];
+    for (at, _) in patched {
+        if let Some(c) = tables.get_mut(at as usize + 9) {
+            *c = 0;
+        }
+    }
+    for at in [8, 32] {
+        if let Some(c) = rsdp.get_mut(at) {
+            *c = 0;
+        }
+    }
+    let mut s = TableLoader::default();
+    s.allocate(LOADER_RSDP, 16, Zone::Fseg);
+    s.allocate(LOADER_TABLES, 64, Zone::High);
+    // The FADT's FIRMWARE_CTRL (FACS), DSDT and X_DSDT.
+    for (off, size) in [(36, 4), (40, 4), (140, 8)] {
+        s.add_pointer(LOADER_TABLES, LOADER_TABLES, fadt + off, size);
+    }
+    for i in 0..l.entries as u32 {
+        s.add_pointer(LOADER_TABLES, LOADER_TABLES, xsdt + 36 + 8 * i, 8);
+        s.add_pointer(LOADER_TABLES, LOADER_TABLES, rsdt + 36 + 4 * i, 4);
+    }
+    for (at, len) in patched {
+        s.add_checksum(LOADER_TABLES, at + 9, at, len);
+    }
+    s.add_pointer(LOADER_RSDP, LOADER_TABLES, 16, 4);
+    s.add_pointer(LOADER_RSDP, LOADER_TABLES, 24, 8);
+    s.add_checksum(LOADER_RSDP, 8, 0, 20);
+    s.add_checksum(LOADER_RSDP, 32, 0, 36);
+    LoaderTables {
+        tables,
+        rsdp,
+        script: s.into_bytes(),
+    }
 }
 
 #[cfg(test)]
@@ -463,5 +565,116 @@ mod tests {
             !has(b"COM1") && !has(b"COM10"),
             "the unknown index is left out"
         );
+    }
+    /// Runs a loader script the way firmware does (qboot's and SeaBIOS's reading of the
+    /// format): each file placed at its own base, pointers patched, checksums subtracted.
+    fn run_loader(l: &LoaderTables, rsdp_base: u64, tables_base: u64) -> (Vec<u8>, Vec<u8>) {
+        let (mut rsdp, mut tables) = (l.rsdp.clone(), l.tables.clone());
+        let name = |b: &[u8]| -> String {
+            b.iter()
+                .take_while(|c| **c != 0)
+                .map(|c| *c as char)
+                .collect()
+        };
+        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let mut allocated = Vec::new();
+        for c in l.script.chunks(128) {
+            assert_eq!(c.len(), 128);
+            match u32_at(c, 0) {
+                1 => allocated.push(name(&c[4..60])),
+                2 => {
+                    let (dest, src) = (name(&c[4..60]), name(&c[60..116]));
+                    assert!(allocated.contains(&dest) && allocated.contains(&src));
+                    let (off, size) = (u32_at(c, 116) as usize, usize::from(c[120]));
+                    let base = if src == LOADER_RSDP {
+                        rsdp_base
+                    } else {
+                        tables_base
+                    };
+                    let f = if dest == LOADER_RSDP {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let mut v = [0u8; 8];
+                    v[..size].copy_from_slice(&f[off..off + size]);
+                    let p = u64::from_le_bytes(v) + base;
+                    f[off..off + size].copy_from_slice(&p.to_le_bytes()[..size]);
+                }
+                3 => {
+                    let f = if name(&c[4..60]) == LOADER_RSDP {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let (off, start, len) = (
+                        u32_at(c, 60) as usize,
+                        u32_at(c, 64) as usize,
+                        u32_at(c, 68) as usize,
+                    );
+                    let sum = f[start..start + len]
+                        .iter()
+                        .fold(0u8, |a, b| a.wrapping_add(*b));
+                    f[off] = f[off].wrapping_sub(sum);
+                }
+                other => panic!("loader command {other}"),
+            }
+        }
+        (rsdp, tables)
+    }
+
+    #[test]
+    fn loader_tables_resolve_from_the_rsdp_at_any_base() {
+        let l = build_for_loader(&platform(vec![0, 1], vec![0]));
+        let sums = |b: &[u8]| b.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        for (rb, tb) in [(0xf_0000u64, 0x7fff_0000u64), (0xe_5a40, 0x10_0000)] {
+            let (rsdp, tables) = run_loader(&l, rb, tb);
+            assert_eq!(&rsdp[..8], b"RSD PTR ");
+            assert_eq!(sums(&rsdp[..20]), 0);
+            assert_eq!(sums(&rsdp[..36]), 0);
+            let at = |addr: u64| (addr - tb) as usize;
+            let table = |addr: u64| {
+                let o = at(addr);
+                let len = u32::from_le_bytes(tables[o + 4..o + 8].try_into().unwrap()) as usize;
+                let t = &tables[o..o + len];
+                assert_eq!(
+                    sums(t),
+                    0,
+                    "checksum of {}",
+                    String::from_utf8_lossy(&t[..4])
+                );
+                t
+            };
+            let rsdt = table(u64::from(u32::from_le_bytes(
+                rsdp[16..20].try_into().unwrap(),
+            )));
+            let xsdt = table(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+            assert_eq!(
+                (&rsdt[..4], &xsdt[..4]),
+                (b"RSDT".as_slice(), b"XSDT".as_slice())
+            );
+            let listed: Vec<&[u8]> = xsdt[36..]
+                .chunks(8)
+                .map(|e| &table(u64::from_le_bytes(e.try_into().unwrap()))[..4])
+                .collect();
+            assert_eq!(listed, [b"FACP".as_slice(), b"APIC", b"MCFG", b"SPCR"]);
+            let r: Vec<u64> = rsdt[36..]
+                .chunks(4)
+                .map(|e| u64::from(u32::from_le_bytes(e.try_into().unwrap())))
+                .collect();
+            let x: Vec<u64> = xsdt[36..]
+                .chunks(8)
+                .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
+                .collect();
+            assert_eq!(r, x);
+            let fadt = table(x[0]);
+            let dsdt = u64::from(u32::from_le_bytes(fadt[40..44].try_into().unwrap()));
+            assert_eq!(dsdt, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+            assert_eq!(&table(dsdt)[..4], b"DSDT");
+            let facs = at(u64::from(u32::from_le_bytes(
+                fadt[36..40].try_into().unwrap(),
+            )));
+            assert_eq!(&tables[facs..facs + 4], b"FACS");
+        }
     }
 }

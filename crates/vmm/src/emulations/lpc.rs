@@ -20,6 +20,10 @@ const LPC_DEVICES: &[(&str, &str)] = &[
         "bootrom",
         "bootrom,romfile[,varfile]: firmware mapped to end at 4 GiB",
     ),
+    (
+        "fwcfg",
+        "fwcfg,qemu: QEMU's fw_cfg at 0x510 for QEMU-built firmware (OVMF, SeaBIOS, qboot)",
+    ),
 ];
 
 /// The text `-l help` prints.
@@ -47,6 +51,11 @@ pub fn parse_option(cfg: &mut Config, arg: &str) -> Result<(), String> {
             }
             Ok(())
         }
+        "fwcfg" => match conf {
+            "qemu" => set(cfg, "lpc.fwcfg", conf),
+            "bhyve" => Err("fwcfg,bhyve (bhyve's own fw_cfg) is not built; use fwcfg,qemu".into()),
+            _ => Err(format!("fwcfg takes qemu, not '{conf}': -l fwcfg,qemu")),
+        },
         d if COM_PORTS.iter().any(|(n, _, _)| *n == d) => {
             if conf.is_empty() {
                 return Err(format!(
@@ -62,7 +71,19 @@ pub fn parse_option(cfg: &mut Config, arg: &str) -> Result<(), String> {
 }
 
 /// Checks one `lpc.*` key.
-pub fn validate_key(_cfg: &Config, key: &str) -> Result<(), ConfigError> {
+pub fn validate_key(cfg: &Config, key: &str) -> Result<(), ConfigError> {
+    if key == "lpc.fwcfg" {
+        return match cfg.get_raw(key) {
+            Some("qemu") => Ok(()),
+            other => Err(ConfigError::Invalid {
+                key: key.into(),
+                msg: format!(
+                    "'{}' is not a fw_cfg rhyve has: use qemu",
+                    other.unwrap_or_default()
+                ),
+            }),
+        };
+    }
     let known = matches!(key, "lpc.bootrom" | "lpc.bootvars")
         || COM_PORTS
             .iter()

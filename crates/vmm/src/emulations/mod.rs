@@ -46,8 +46,8 @@ fn virtio_net(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn Pc
 pub static PCI_EMULATIONS: &[PciEmulation] = &[
     PciEmulation {
         name: "hostbridge",
-        description: "host bridge (0:0.0)",
-        keys: &["vendor", "devid"],
+        description: "host bridge (0:0.0); model=i440fx presents QEMU pc's for its firmware",
+        keys: &["vendor", "devid", "model"],
         legacy_config: None,
         init: hostbridge::init,
     },

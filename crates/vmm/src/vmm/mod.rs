@@ -28,7 +28,7 @@ use rhyve_bus::{Bus, BusDevice, BusError};
 use rhyve_config::parse_cpulist;
 use rhyve_config::{parse_memsize, Config, ConfigError};
 use rhyve_devices::legacy::pm::Pm;
-use rhyve_devices::legacy::{i8042, lpc, post, resetctl, rtc, uart, uart_backend};
+use rhyve_devices::legacy::{fw_cfg, i8042, lpc, post, resetctl, rtc, uart, uart_backend};
 use rhyve_hypervisor::irq::IrqLine;
 use rhyve_hypervisor::irq::IrqRouter;
 use rhyve_hypervisor::{self as hypervisor, cpuid, GuestRam, HvError, MemoryLayout};
@@ -167,7 +167,9 @@ impl Vm {
         }
         let vm_fd = Arc::new(hypervisor::create_vm(&kvm, cpus)?);
         let mut ram = Self::map_memory(cfg, &vm_fd, layout)?;
-        let kernel = Self::boot_payload(cfg, &vm_fd, &mut ram)?;
+        let fwcfg = cfg.get("lpc.fwcfg")?.is_some();
+        let firmware = cfg.get("lpc.bootrom")?.is_some();
+        let kernel = Self::boot_payload(cfg, &vm_fd, &mut ram, fwcfg)?;
         hypervisor::create_irqchip(&vm_fd, pvm)?;
 
         let supported = kvm
@@ -209,7 +211,30 @@ impl Vm {
             &shared,
             &layout,
         )?;
-        Self::write_tables(cfg, &ram, &topo, cpus, &pci)?;
+        let platform = Self::acpi_platform(cfg, &topo, cpus, &pci);
+        if fwcfg {
+            let dev = Self::fw_cfg(cfg, &ram, &layout, memsize, cpus, &platform, &vcpus, pvm)?;
+            insert_pio(
+                &shared,
+                "fw_cfg",
+                fw_cfg::PORT_BASE,
+                fw_cfg::PORT_LEN,
+                dev.clone(),
+            )?;
+            insert_pio(
+                &shared,
+                "fw_cfg dma",
+                fw_cfg::DMA_BASE,
+                fw_cfg::DMA_LEN,
+                Arc::new(Mutex::new(fw_cfg::FwCfgDma(dev.clone()))),
+            )?;
+            legacy.push(("fw_cfg", dev));
+        }
+        // Firmware that reads fw_cfg installs the tables it hands over where it chooses; the
+        // F-segment is its own.
+        if !(fwcfg && firmware) {
+            Self::write_tables(cfg, &ram, &topo, cpus, &platform)?;
+        }
         if let Some(bsp) = vcpus.first() {
             match kernel_entry {
                 Some(entry) => linux::setup_bsp(&bsp.fd, entry)?,
@@ -268,17 +293,20 @@ impl Vm {
     /// The boot payload: a firmware ROM, started from the reset vector on the BSP (mapped now,
     /// with the rest of guest memory, before the irqchip: see `create_irqchip`), or a Linux
     /// kernel entered directly, returned to be loaded once the vCPUs exist.
+    /// With fw_cfg (`fwcfg`) a ROM and a kernel go together: the firmware boots the kernel it
+    /// reads from fw_cfg.
     fn boot_payload(
         cfg: &Config,
         vm_fd: &VmFd,
         ram: &mut GuestRam,
+        fwcfg: bool,
     ) -> Result<Option<String>, VmError> {
         match (cfg.get("lpc.bootrom")?, cfg.get("boot.kernel")?) {
-            (Some(_), Some(_)) => Err(VmError::Device(
-                "give either a boot ROM (-l bootrom) or a kernel (boot.kernel), not both".into(),
+            (Some(_), Some(_)) if !fwcfg => Err(VmError::Device(
+                "give either a boot ROM (-l bootrom) or a kernel (boot.kernel), not both, or add -l fwcfg,qemu to hand the kernel to the firmware".into(),
             )),
             (None, None) => Err(VmError::NoBootPayload),
-            (Some(rom), None) => {
+            (Some(rom), _) => {
                 let vars = cfg.get("lpc.bootvars")?;
                 let rom_base = ram.map_bootrom(vm_fd, &rom, vars.as_deref())?;
                 log::info!("boot ROM {rom} mapped at {rom_base:#x}");
@@ -325,18 +353,7 @@ impl Vm {
         pvm: bool,
     ) -> Result<linux::Entry, VmError> {
         let initrd = cfg.get("boot.initrd")?;
-        let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
-        if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
-            // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the SMAP and
-            // SSSE3 paths. -o boot.pvm_cmdline=false drops it.
-            cmdline.push_str(PVM_CMDLINE);
-            // Linux calibrates the TSC against the PIT or the PM timer in loops that emulation
-            // makes too slow to trust (it then falls back to the PM timer, an exit per clock
-            // read); KVM knows the frequency.
-            if let Some(khz) = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()) {
-                cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-            }
-        }
+        let cmdline = Self::kernel_cmdline(cfg, vcpus, pvm)?;
         // On PVM the bzImage's decompressor would run emulated for over a minute.
         let unpack = cfg.get_bool("boot.unpack_bzimage", pvm)?;
         let entry = linux::load(
@@ -352,13 +369,85 @@ impl Vm {
         Ok(entry)
     }
 
+    /// `boot.cmdline`, with PVM's additions (`boot.pvm_cmdline`).
+    fn kernel_cmdline(cfg: &Config, vcpus: &[VcpuSpec], pvm: bool) -> Result<String, VmError> {
+        let mut cmdline = cfg.get("boot.cmdline")?.unwrap_or_default();
+        if pvm && cfg.get_bool("boot.pvm_cmdline", true)? {
+            // What PVM's emulator cannot run: XSAVE state instructions, popcnt, the SMAP and
+            // SSSE3 paths. -o boot.pvm_cmdline=false drops it.
+            cmdline.push_str(PVM_CMDLINE);
+            // Linux calibrates the TSC against the PIT or the PM timer in loops that emulation
+            // makes too slow to trust (it then falls back to the PM timer, an exit per clock
+            // read); KVM knows the frequency.
+            if let Some(khz) = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()) {
+                cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
+        Ok(cmdline)
+    }
+
+    /// QEMU's fw_cfg (`lpc.fwcfg=qemu`) with what firmware reads: the CPU count and RAM size,
+    /// the memory map, the ACPI tables through the loader script, the boot-failure wait and
+    /// boot order, and, with a ROM, the kernel, initrd and command line it is to boot.
+    #[allow(clippy::too_many_arguments)]
+    fn fw_cfg(
+        cfg: &Config,
+        ram: &GuestRam,
+        layout: &MemoryLayout,
+        memsize: u64,
+        cpus: u32,
+        platform: &acpi::Platform,
+        vcpus: &[VcpuSpec],
+        pvm: bool,
+    ) -> Result<Arc<Mutex<fw_cfg::FwCfg>>, VmError> {
+        use fw_cfg::key;
+        let err = |e: fw_cfg::FwCfgError| VmError::Device(e.to_string());
+        let mut b = fw_cfg::FwCfgBuilder::new();
+        let ncpus = u16::try_from(cpus)
+            .unwrap_or(u16::MAX)
+            .to_le_bytes()
+            .to_vec();
+        b.item(key::RAM_SIZE, memsize.to_le_bytes().to_vec())
+            .item(key::NB_CPUS, ncpus.clone())
+            .item(key::MAX_CPUS, ncpus)
+            .item(key::IRQ0_OVERRIDE, 1u32.to_le_bytes().to_vec());
+        let mut e820 = vec![(0, layout.lowmem)];
+        if layout.highmem > 0 {
+            e820.push((hypervisor::memory::HIGHMEM_BASE, layout.highmem));
+        }
+        b.file("etc/e820", fw_cfg::e820_file(&e820)).map_err(err)?;
+        // Milliseconds SeaBIOS waits after a failed boot before it resets the machine.
+        b.file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())
+            .map_err(err)?;
+        b.file("bootorder", Vec::new()).map_err(err)?;
+        if cfg.get_bool("acpi_tables", true)? {
+            let t = acpi::build_for_loader(platform);
+            b.file(acpi::LOADER_TABLES, t.tables).map_err(err)?;
+            b.file(acpi::LOADER_RSDP, t.rsdp).map_err(err)?;
+            b.file(acpi::LOADER_SCRIPT, t.script).map_err(err)?;
+        }
+        if let (Some(_), Some(kernel)) = (cfg.get("lpc.bootrom")?, cfg.get("boot.kernel")?) {
+            let read = |p: &str| std::fs::read(p).map_err(|e| VmError::Device(format!("{p}: {e}")));
+            let image = read(&kernel)?;
+            let initrd = match cfg.get("boot.initrd")? {
+                Some(p) => Some(read(&p)?),
+                None => None,
+            };
+            let cmdline = Self::kernel_cmdline(cfg, vcpus, pvm)?;
+            fw_cfg::add_linux(&mut b, &image, initrd, &cmdline, layout.lowmem)
+                .map_err(|m| VmError::Device(format!("{kernel}: {m}")))?;
+            log::info!("kernel {kernel} handed to the firmware through fw_cfg");
+        }
+        Ok(Arc::new(Mutex::new(b.build(ram.mem.clone()).map_err(err)?)))
+    }
+
     /// The MP table (unless `-Y`) and the ACPI tables (unless `-A` is off), written into RAM.
     fn write_tables(
         cfg: &Config,
         ram: &GuestRam,
         topo: &cpuid::Topology,
         cpus: u32,
-        pci: &PciRoot,
+        platform: &acpi::Platform,
     ) -> Result<(), VmError> {
         if cfg.get_bool("x86.mptable", true)? {
             let ids: Vec<u32> = (0..cpus).map(|i| topo.apic_id(i)).collect();
@@ -376,17 +465,7 @@ impl Vm {
             }
         }
         if cfg.get_bool("acpi_tables", true)? {
-            let platform = acpi::Platform {
-                apic_ids: (0..cpus).map(|i| topo.apic_id(i)).collect(),
-                com_ports: (0..lpc::COM_PORTS.len())
-                    .filter(|i| {
-                        cfg.get_raw(&format!("lpc.{}.path", lpc::COM_PORTS[*i].0))
-                            .is_some()
-                    })
-                    .collect(),
-                mem64: pci.mem64_window(),
-            };
-            let tables = acpi::build(&platform).map_err(|e| VmError::Device(e.to_string()))?;
+            let tables = acpi::build(platform).map_err(|e| VmError::Device(e.to_string()))?;
             for (at, blob) in tables.blobs {
                 ram.mem
                     .write_slice(&blob, vm_memory::GuestAddress(at))
@@ -394,6 +473,26 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// What the ACPI tables describe.
+    fn acpi_platform(
+        cfg: &Config,
+        topo: &cpuid::Topology,
+        cpus: u32,
+        pci: &PciRoot,
+    ) -> acpi::Platform {
+        acpi::Platform {
+            apic_ids: (0..cpus).map(|i| topo.apic_id(i)).collect(),
+            com_ports: (0..lpc::COM_PORTS.len())
+                .filter(|i| {
+                    lpc::COM_PORTS
+                        .get(*i)
+                        .is_some_and(|p| cfg.get_raw(&format!("lpc.{}.path", p.0)).is_some())
+                })
+                .collect(),
+            mem64: pci.mem64_window(),
+        }
     }
 
     /// The LPC-side platform: COM ports, RTC, reset ports, POST port, i8042 (bhyve `init_pci`'s
