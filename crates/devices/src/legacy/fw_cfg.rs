@@ -200,12 +200,16 @@ impl FwCfg {
     }
 
     fn read_data(&mut self, data: &mut [u8]) {
-        for b in data.iter_mut() {
-            *b = self.remaining().first().copied().unwrap_or(0);
-            if !self.remaining().is_empty() {
-                self.offset = self.offset.saturating_add(1);
-            }
+        let have = self.remaining();
+        let n = have.len().min(data.len());
+        for (d, s) in data
+            .iter_mut()
+            .zip(have.iter().chain(std::iter::repeat(&0)))
+        {
+            *d = *s;
         }
+        // n <= data.len(), at most 8 bytes.
+        self.offset = self.offset.saturating_add(n as u32);
     }
 
     /// Runs the DMA descriptor at `addr` and writes its control word back (0 when done, the
