@@ -73,9 +73,9 @@ mkdir -p "$rootfs/usr/sbin"
 cp -L "$blkdiscard" "$rootfs/usr/sbin/blkdiscard"
 cp tests/guest/scenarios.sh "$rootfs/scenarios.sh"
 
-# Virtio modules (and the ACPI button with evdev, for acpid) in dependency order, read from
+# Virtio modules (and the ACPI button with evdev, for acpid; efivarfs, for UEFI boots) in dependency order, read from
 # each module's .modinfo "depends=".
-for m in virtio_pci virtio_blk virtio_net virtio_rng virtio_console button evdev; do add_mod "$m"; done
+for m in virtio_pci virtio_blk virtio_net virtio_rng virtio_console button evdev efivarfs; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" >"$rootfs/lib/modules/order"
 
 cat >"$rootfs/init" <<'EOF'
@@ -88,7 +88,11 @@ say() { echo "rhyve-guest: $*"; }
 arg() { for w in $(cat /proc/cmdline); do case $w in "rhyve.$1="*) echo "${w#*=}";; esac; done; }
 say "init running: kernel $(uname -r) $(uname -m), /bin/busybox ELF class $(od -An -tu1 -j4 -N1 /bin/busybox | tr -d ' ') (1: 32-bit)"
 say "cpus online: $(cat /sys/devices/system/cpu/online)"
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || say "insmod $m failed"; done
+# efivarfs only where there is EFI (it refuses to load elsewhere).
+for m in $(cat /lib/modules/order); do
+    case $m in efivarfs.ko) [ -d /sys/firmware/efi ] || continue ;; esac
+    insmod /lib/modules/$m || say "insmod $m failed"
+done
 say "modules loaded: $(cat /lib/modules/order | tr '\n' ' ')"
 mkdir -p /tmp && mount -t tmpfs tmpfs /tmp
 . /scenarios.sh

@@ -9,12 +9,17 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in gcc:gcc as:binutils ld:binutils objcopy:binutils nm:binutils unshare:util-linux ip:iproute2 \
     ping:iputils-ping iasl:acpica-tools cpio:cpio mkfs.ext4:e2fsprogs debugfs:e2fsprogs \
-    qemu-system-x86_64:qemu-system-x86 bc:bc curl:curl; do
+    qemu-system-x86_64:qemu-system-x86 bc:bc curl:curl mcopy:mtools sfdisk:fdisk syslinux:syslinux; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
-# Firmware the firmware tests boot (qboot; QEMU's own ROMs for the nested harness).
-[ -e /usr/share/qemu/qboot.rom ] || need+=(qemu-system-data)
+# Firmware the firmware tests boot (qboot, SeaBIOS, OVMF; QEMU's own ROMs for the nested
+# harness), and the boot loaders their disks carry (scripts/build-firmware-disks.sh).
+for pair in /usr/share/qemu/qboot.rom:qemu-system-data /usr/share/seabios/bios.bin:seabios \
+    /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf /usr/lib/syslinux/mbr/mbr.bin:syslinux-common \
+    /usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi; do
+    [ -e "${pair%%:*}" ] || need+=("${pair#*:}")
+done
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1132,3 +1132,63 @@ fn wait_for_api_of(sock: &Path) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// QEMU's qboot (Debian's qemu-system-data), the firmware the tests below boot first.
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// The firmware file `path`, or a panic naming the package to install.
+fn firmware(path: &str, package: &str) -> String {
+    assert!(
+        Path::new(path).is_file(),
+        "{path} is missing: apt-get install {package} (scripts/setup.sh installs it)"
+    );
+    path.into()
+}
+
+#[test]
+fn real_guest_qboot_boots_the_kernel_it_reads_from_fw_cfg_with_rhyves_acpi_tables() {
+    // qboot at the reset vector, on the i440fx host bridge it recognises; it reads the memory
+    // map, the ACPI tables (through the table loader) and the kernel, initrd and command line
+    // from fw_cfg, and jumps into the kernel: no direct boot by rhyve.
+    let rom = firmware(QBOOT, "qemu-system-data");
+    let mut g = boot(
+        "qboot",
+        &[
+            "-c",
+            "1",
+            "-m",
+            "512M",
+            "-s",
+            "0,hostbridge,model=i440fx",
+            "-l",
+            "com1,stdio",
+            "-l",
+            &format!("bootrom,{rom}"),
+            "-l",
+            "fwcfg,qemu",
+        ],
+        "firmware,platform",
+        "poweroff",
+        "",
+    );
+    let r = g.finish();
+    g.assert_lines(
+        &r,
+        &[
+            // qboot's own map: the 0xd0000 ACPI NVS area it keeps its tables' copy in.
+            "BIOS-e820: [mem 0x00000000000d0000-",
+            "Run /init as init process",
+            "rhyve-guest: firmware: bios",
+            // The tables were installed by the firmware, not at rhyve's own 0xf2400.
+            "rhyve-guest: rsdp: ACPI: RSDP 0x00000000000F",
+            "rhyve-guest: acpi problems: 0",
+            "rhyve-guest: hypervisor: Hypervisor detected: KVM",
+            "rhyve-guest: end: poweroff",
+        ],
+    );
+    assert!(
+        !g.console.contains("RSDP 0x00000000000F2400"),
+        "the guest found rhyve's direct-boot tables, not the firmware's copy"
+    );
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+}

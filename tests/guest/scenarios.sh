@@ -182,3 +182,31 @@ scenario_records() {
         sleep 0.1
     done
 }
+
+# How the guest was booted, for the firmware boots: BIOS or UEFI, the memory map's first
+# entries and where the ACPI tables were found, and a UEFI variable carried from the last
+# boot to this one (read first, then replaced with this boot's id).
+scenario_firmware() {
+    if [ -d /sys/firmware/efi ]; then say "firmware: efi"; else say "firmware: bios"; fi
+    say "rsdp: $(dmesg | grep -o 'ACPI: RSDP 0x[0-9A-Fa-f]*' | head -n 1)"
+    dmesg | grep -o 'BIOS-e820: .*' | head -n 3 | sed 's/^/rhyve-guest: e820: /'
+    say "acpi problems: $(dmesg | grep -i -E 'acpi.*(error|warning)|acpi bios (error|warning)' | wc -l)"
+    dmesg | grep -i -E 'acpi.*(error|warning)|acpi bios (error|warning)' | sed 's/^/rhyve-guest: acpi problem: /'
+    say "cmdline: $(cat /proc/cmdline)"
+    [ -d /sys/firmware/efi ] || return 0
+    v=/sys/firmware/efi/efivars
+    mount -t efivarfs efivarfs "$v" || { say "efivarfs: mount failed"; return; }
+    var=$v/RhyveBoot-3b0c1a2e-6f1d-4c55-9a8e-5e0f4d7a1b22
+    if [ -f "$var" ]; then
+        say "efivar before: $(tail -c +5 "$var")"
+        chattr -i "$var" 2>/dev/null
+        rm -f "$var"
+    else
+        say "efivar before: none"
+    fi
+    id=$(cat /proc/sys/kernel/random/boot_id)
+    # Attributes (non-volatile, boot and runtime access), then the data.
+    printf '\007\000\000\000%s' "$id" >"$var" || { say "efivar: write failed"; return; }
+    say "efivar written: $id"
+    umount "$v"
+}

@@ -6,6 +6,7 @@
 pub mod cpuid;
 pub mod irq;
 pub mod memory;
+pub mod shadow;
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};

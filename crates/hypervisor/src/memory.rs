@@ -6,6 +6,9 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use crate::shadow::{self, Shadow};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
@@ -87,7 +90,14 @@ pub struct GuestRam {
     pub layout: MemoryLayout,
     next_slot: u32,
     /// ROM and variable-store mappings; they must outlive the VM.
-    extra: Vec<MmapRegion>,
+    extra: Vec<Arc<MmapRegion>>,
+    /// The boot ROM's copy and its size, once mapped.
+    rom: Option<(Arc<MmapRegion>, u64)>,
+    /// With a PAM-routed BIOS area, low RAM is split around 0xC0000-0xFFFFF: the slot of
+    /// its part from 1 MiB up.
+    low_split: Option<u32>,
+    /// The PAM-routed BIOS area, when the chipset has one.
+    shadow: Option<Arc<Shadow>>,
 }
 
 /// Registers `size` bytes at host address `host` as guest-physical `gpa` in slot `slot`.
@@ -125,6 +135,9 @@ impl GuestRam {
             mem,
             layout,
             extra: Vec::new(),
+            rom: None,
+            low_split: None,
+            shadow: None,
         };
         ram.map_ram(vm, 0)?;
         Ok(ram)
@@ -133,21 +146,62 @@ impl GuestRam {
     /// Registers every RAM region in its slot (0.. in region order) with `flags`: at start-up,
     /// and again to turn KVM's dirty log on or off.
     fn map_ram(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
-        for (slot, region) in (0u32..).zip(self.mem.iter()) {
-            // SAFETY: the regions belong to `self.mem`, which GuestRam owns for the VM's
-            // lifetime; registering a slot again only changes its flags.
-            unsafe {
-                set_slot(
-                    vm,
-                    slot,
-                    region.start_addr().0,
-                    region.as_ptr(),
-                    region.len(),
-                    flags,
-                )?;
-            }
+        for (slot, gpa, host, size) in self.ram_slots() {
+            // SAFETY: the pieces lie in the regions of `self.mem`, which GuestRam owns for the
+            // VM's lifetime; registering a slot again only changes its flags.
+            unsafe { set_slot(vm, slot, gpa, host, size, flags)? };
         }
         Ok(())
+    }
+
+    /// RAM's KVM slots: (slot, guest-physical base, host address, size). One per region,
+    /// except that with a shadow area low RAM is two, below 0xC0000 and from 1 MiB up.
+    fn ram_slots(&self) -> Vec<(u32, u64, *mut u8, u64)> {
+        let mut v = Vec::new();
+        for (slot, region) in (0u32..).zip(self.mem.iter()) {
+            let (gpa, host, len) = (region.start_addr().0, region.as_ptr(), region.len());
+            match self.low_split {
+                Some(upper) if gpa == 0 && len > shadow::BASE => {
+                    v.push((slot, 0, host, shadow::BASE));
+                    if len > shadow::END {
+                        // SAFETY: END < len, so the offset stays inside the region.
+                        let above = unsafe { host.add(shadow::END as usize) };
+                        v.push((upper, shadow::END, above, len - shadow::END));
+                    }
+                }
+                _ => v.push((slot, gpa, host, len)),
+            }
+        }
+        v
+    }
+
+    /// Routes 0xC0000-0xFFFFF through PAM modes (an i440fx host bridge's; `shadow.rs`),
+    /// starting with the ROM alias: low RAM's slot is split around the area. Needs the boot
+    /// ROM mapped first; call before the vCPUs run.
+    pub fn enable_shadow(&mut self, vm: &Arc<VmFd>) -> Result<Arc<Shadow>, MemoryError> {
+        let (rom, rom_size) = self.rom.clone().ok_or_else(|| MemoryError::Rom {
+            path: "(none)".into(),
+            msg: "the PAM shadow area needs a boot ROM (-l bootrom)".into(),
+        })?;
+        if self.layout.lowmem < shadow::END {
+            return Err(MemoryError::TooSmall);
+        }
+        // Slot 0 changes size: KVM wants it deleted first.
+        // SAFETY: size 0 deletes the slot; no memory is referenced.
+        unsafe { set_slot(vm, 0, 0, std::ptr::null_mut(), 0, 0)? };
+        self.low_split = Some(self.next_slot);
+        self.next_slot += 1;
+        self.map_ram(vm, 0)?;
+        let s = Arc::new(Shadow::new(
+            vm.clone(),
+            self.mem.clone(),
+            rom,
+            rom_size,
+            self.next_slot,
+        )?);
+        self.next_slot += Shadow::SLOTS;
+        self.shadow = Some(s.clone());
+        Ok(s)
     }
 
     /// Turns KVM's dirty log on or off for every RAM slot: with it on, `take_vcpu_dirty`
@@ -160,12 +214,15 @@ impl GuestRam {
     /// `log_dirty(true)`), in order; KVM clears its log as it is read.
     pub fn take_vcpu_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
         let mut pages = Vec::new();
-        for (slot, region) in (0u32..).zip(self.mem.iter()) {
-            let base = region.start_addr().0;
+        for (slot, base, _, size) in self.ram_slots() {
             let bitmap = vm
-                .get_dirty_log(slot, region.len() as usize)
+                .get_dirty_log(slot, size as usize)
                 .map_err(|err| MemoryError::Slot { gpa: base, err })?;
             push_bits(&mut pages, base, &bitmap);
+        }
+        if let Some(s) = &self.shadow {
+            pages.extend(s.ram_pages());
+            pages.sort_unstable();
         }
         Ok(pages)
     }
@@ -233,6 +290,8 @@ impl GuestRam {
             )?
         };
         self.next_slot += 1;
+        let region = Arc::new(region);
+        self.rom = Some((region.clone(), rom_size));
         self.extra.push(region);
         if let Some((f, size)) = vars {
             let region =
@@ -241,7 +300,7 @@ impl GuestRam {
             // SAFETY: the region is kept in `self.extra` for the VM's lifetime.
             unsafe { set_slot(vm, self.next_slot, base, region.as_ptr(), size, 0)? };
             self.next_slot += 1;
-            self.extra.push(region);
+            self.extra.push(Arc::new(region));
         }
         Ok(rom_base)
     }

@@ -1,19 +1,30 @@
 //! PCI host bridge at 0:0.0 (bhyve `pci_hostbridge.c`): identity only, no BARs. `vendor` and
 //! `devid` override the IDs; `amd_hostbridge` uses AMD's; `model=i440fx` presents QEMU's pc
 //! machine's bridge (Intel 82441FX, 8086:1237), which firmware built for QEMU (qboot,
-//! SeaBIOS) looks for before it sets the machine up. `IdentityFunction` also serves the
-//! LPC bridge's PCI function.
+//! SeaBIOS) looks for before it sets the machine up, with its PAM registers (0x59-0x5f) routing
+//! 0xC0000-0xFFFFF between the boot ROM and RAM (`rhyve_hypervisor::shadow`) when a boot ROM
+//! is mapped. `IdentityFunction` also serves the LPC bridge's PCI function.
+
+use std::sync::Arc;
 
 use super::config::ConfigSpace;
 use super::device::PciDevice;
 use rhyve_base::lifecycle::{DeviceState, Lifecycle, Paused, StateError};
 use rhyve_config::{parse_u64, Config};
+use rhyve_hypervisor::shadow::{PamMode, Shadow, SEGMENTS};
 
-/// A function that is only its configuration header: bridges without BARs.
+/// The i440fx's PAM0-PAM6 registers.
+pub const PAM_FIRST: usize = 0x59;
+pub const PAM_COUNT: usize = 7;
+
+/// A function that is only its configuration header (bridges without BARs), and an
+/// i440fx's PAM registers when it has them.
 pub struct IdentityFunction {
     name: &'static str,
     cfg: ConfigSpace,
     paused: Paused,
+    /// The shadow area the PAM registers route, when a boot ROM is mapped.
+    pam: Option<Arc<Shadow>>,
 }
 
 impl IdentityFunction {
@@ -22,7 +33,33 @@ impl IdentityFunction {
             name,
             cfg,
             paused: Paused::default(),
+            pam: None,
         })
+    }
+
+    /// Each segment's mode as the PAM registers say: PAM0's high nibble is 0xF0000-0xFFFFF,
+    /// then PAM1-PAM6, low nibble first, are the 16 KiB pieces from 0xC0000 up.
+    fn pam_modes(&self) -> [PamMode; SEGMENTS] {
+        let mut m = [PamMode::Off; SEGMENTS];
+        let regs = self.cfg.u32(0x58).to_le_bytes().into_iter();
+        let regs = regs.chain(self.cfg.u32(0x5c).to_le_bytes()).skip(1);
+        // PAM0's high nibble, then each later register's low and high nibbles.
+        let nibbles = regs
+            .enumerate()
+            .flat_map(|(k, v)| (k > 0).then_some(v).into_iter().chain([v >> 4]))
+            .map(PamMode::from_bits);
+        for (slot, mode) in m.iter_mut().zip(nibbles) {
+            *slot = mode;
+        }
+        m
+    }
+
+    fn apply_pam(&self) {
+        if let Some(s) = &self.pam {
+            if let Err(e) = s.set(self.pam_modes()) {
+                log::error!("hostbridge: PAM routing of 0xc0000-0xfffff failed: {e}");
+            }
+        }
     }
 }
 
@@ -48,7 +85,9 @@ impl Lifecycle for IdentityFunction {
             .map_err(|why| StateError::Malformed {
                 kind: self.name.into(),
                 why,
-            })
+            })?;
+        self.apply_pam();
+        Ok(())
     }
 }
 
@@ -61,6 +100,12 @@ impl PciDevice for IdentityFunction {
     }
     fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.cfg
+    }
+    fn config_written(&mut self, off: usize, len: usize) {
+        let pam = PAM_FIRST..PAM_FIRST + PAM_COUNT;
+        if off < pam.end && off.saturating_add(len) > pam.start {
+            self.apply_pam();
+        }
     }
     fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
@@ -82,22 +127,42 @@ fn with_ids(
     prefix: &str,
     vendor: u16,
     device: u16,
+    pam: Option<Arc<Shadow>>,
 ) -> Result<Box<dyn PciDevice>, String> {
     let vendor = id(cfg, &format!("{prefix}.vendor"), vendor)?;
     let device = id(cfg, &format!("{prefix}.devid"), device)?;
     // Class 06/00: host bridge.
-    Ok(IdentityFunction::boxed(
-        "hostbridge",
-        ConfigSpace::new(vendor, device, 0x06, 0x00, 0x00),
-    ))
+    let mut f = IdentityFunction {
+        name: "hostbridge",
+        cfg: ConfigSpace::new(vendor, device, 0x06, 0x00, 0x00),
+        paused: Paused::default(),
+        pam,
+    };
+    if f.pam.is_some() {
+        // PAM0's low nibble is reserved.
+        f.cfg
+            .set_wmask(PAM_FIRST, &[0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    }
+    Ok(Box::new(f))
 }
 
 /// The named models `model=` takes, with their vendor and device IDs.
 pub const MODELS: &[(&str, u16, u16)] = &[("bhyve", 0x1275, 0x1275), ("i440fx", 0x8086, 0x1237)];
 
+/// The models whose bridge has PAM registers.
+pub const PAM_MODELS: &[&str] = &["i440fx"];
+
+/// Whether the host bridge `cfg` describes (at `prefix`) routes the BIOS area with PAM.
+pub fn has_pam(cfg: &Config, prefix: &str) -> bool {
+    cfg.get(&format!("{prefix}.model"))
+        .ok()
+        .flatten()
+        .is_some_and(|m| PAM_MODELS.contains(&m.as_str()))
+}
+
 /// bhyve's IDs (0x1275:0x1275), or a named model's.
 pub fn init(
-    _ctx: &super::PciInitCtx,
+    ctx: &super::PciInitCtx,
     cfg: &Config,
     prefix: &str,
 ) -> Result<Box<dyn PciDevice>, String> {
@@ -117,7 +182,12 @@ pub fn init(
                 )
             })?,
     };
-    with_ids(cfg, prefix, vendor, device)
+    let pam = if has_pam(cfg, prefix) {
+        ctx.shadow.clone()
+    } else {
+        None
+    };
+    with_ids(cfg, prefix, vendor, device, pam)
 }
 
 /// AMD's host bridge IDs, as bhyve's `amd_hostbridge`.
@@ -126,5 +196,32 @@ pub fn init_amd(
     cfg: &Config,
     prefix: &str,
 ) -> Result<Box<dyn PciDevice>, String> {
-    with_ids(cfg, prefix, 0x1022, 0x7432)
+    with_ids(cfg, prefix, 0x1022, 0x7432, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pam_registers_give_each_segment_its_mode() {
+        let mut f = IdentityFunction {
+            name: "hostbridge",
+            cfg: ConfigSpace::new(0x8086, 0x1237, 0x06, 0x00, 0x00),
+            paused: Paused::default(),
+            pam: None,
+        };
+        // SeaBIOS's unlock (PAM0 0x30, the rest 0x33), then a lock of 0xC0000-0xC7FFF and F.
+        f.cfg.set_u8(PAM_FIRST, 0x10);
+        f.cfg.set_u8(PAM_FIRST + 1, 0x11);
+        for k in 2..PAM_COUNT {
+            f.cfg.set_u8(PAM_FIRST + k, 0x33);
+        }
+        f.cfg.set_u8(PAM_FIRST + 6, 0x21);
+        let m = f.pam_modes();
+        assert_eq!(m[0], PamMode::ReadOnly, "0xF0000 from PAM0's high nibble");
+        assert_eq!((m[1], m[2]), (PamMode::ReadOnly, PamMode::ReadOnly));
+        assert_eq!(m[3], PamMode::ReadWrite);
+        assert_eq!((m[11], m[12]), (PamMode::ReadOnly, PamMode::WriteOnly));
+    }
 }

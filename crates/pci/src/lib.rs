@@ -35,6 +35,9 @@ pub struct PciInitCtx {
     pub router: Arc<IrqRouter>,
     /// Guest RAM, for devices that read and write it (virtio queues).
     pub mem: GuestMem,
+    /// The BIOS area's PAM routing, for a host bridge model that has it (mapped only with a
+    /// boot ROM).
+    pub shadow: Option<std::sync::Arc<rhyve_hypervisor::shadow::Shadow>>,
 }
 
 /// One registered emulation, like bhyve's `struct pci_devemu`.

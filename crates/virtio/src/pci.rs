@@ -817,6 +817,7 @@ mod tests {
         PciInitCtx {
             router: Arc::new(IrqRouter::new(Arc::new(vm)).expect("IRQ router")),
             mem: GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+            shadow: None,
         }
     }
 

@@ -31,6 +31,7 @@ use rhyve_devices::legacy::pm::Pm;
 use rhyve_devices::legacy::{fw_cfg, i8042, lpc, post, resetctl, rtc, uart, uart_backend};
 use rhyve_hypervisor::irq::IrqLine;
 use rhyve_hypervisor::irq::IrqRouter;
+use rhyve_hypervisor::shadow::{self, Shadow};
 use rhyve_hypervisor::{self as hypervisor, cpuid, GuestRam, HvError, MemoryLayout};
 use rhyve_pci::{
     self as pci,
@@ -202,11 +203,13 @@ impl Vm {
         legacy.push(("pm", pm.lifecycle()));
         let router =
             Arc::new(IrqRouter::new(vm_fd.clone()).map_err(|e| VmError::Device(e.to_string()))?);
+        let shadow = Self::shadow(cfg, &vm_fd, &mut ram, &shared, firmware)?;
         let pci = Self::init_pci(
             cfg,
             &PciInitCtx {
                 router: router.clone(),
                 mem: ram.mem.clone(),
+                shadow,
             },
             &shared,
             &layout,
@@ -314,6 +317,35 @@ impl Vm {
             }
             (None, Some(kernel)) => Ok(Some(kernel)),
         }
+    }
+
+    /// The BIOS area routed by PAM (0xC0000-0xFFFFF), for a host bridge model that has PAM
+    /// registers and a boot ROM to alias there (`rhyve_hypervisor::shadow`); its exits (writes
+    /// to the ROM side, reads where nothing is mapped) come to it over the MMIO bus.
+    fn shadow(
+        cfg: &Config,
+        vm_fd: &Arc<VmFd>,
+        ram: &mut GuestRam,
+        shared: &Arc<VmShared>,
+        firmware: bool,
+    ) -> Result<Option<Arc<Shadow>>, VmError> {
+        let pam = pci::configured_devices(cfg)?.iter().any(|(addr, name)| {
+            name == "hostbridge" && pci::hostbridge::has_pam(cfg, &addr.config_prefix())
+        });
+        if !(pam && firmware) {
+            return Ok(None);
+        }
+        let s = ram.enable_shadow(vm_fd)?;
+        shared
+            .mmio
+            .insert(
+                "bios shadow (pam)",
+                shadow::BASE,
+                shadow::END - shadow::BASE,
+                Arc::new(Mutex::new(ShadowExits(s.clone()))),
+            )
+            .map_err(|e| VmError::Device(e.to_string()))?;
+        Ok(Some(s))
     }
 
     /// The vCPUs with their CPUID and `-p` host CPU sets: KVM wants them created before the
@@ -820,5 +852,17 @@ impl Vm {
     /// them while the VM is paused. Lock one at a time (ARCHITECTURE.md "Lock order").
     pub fn legacy_devices(&self) -> impl Iterator<Item = (&str, &Arc<Mutex<dyn Lifecycle>>)> {
         self.legacy.iter().map(|(name, dev)| (*name, dev))
+    }
+}
+
+/// The MMIO side of the PAM-routed BIOS area: the accesses its KVM slots let exit.
+struct ShadowExits(Arc<Shadow>);
+
+impl rhyve_bus::BusDevice for ShadowExits {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(shadow::BASE.saturating_add(offset), data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(shadow::BASE.saturating_add(offset), data);
     }
 }
