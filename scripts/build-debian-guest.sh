@@ -10,6 +10,7 @@
 #               it found on the console and powers off (or reboots, halts, or gives a shell);
 #               the host's util-linux blkdiscard (for write-zeroes) with its libraries
 #   disk.ext4   a 16 MiB ext4 file system holding hello.txt, for /dev/vda
+#   bios.img, efi.img   boot disks for the firmware tests (scripts/lib/firmware-disks.sh)
 # Prints the directory. The guest's /init reads these kernel command-line options:
 #   rhyve.ip=ADDR/LEN  rhyve.peer=ADDR   configure eth0 and ping the peer once
 #   rhyve.scenario=NAME[,NAME...]        run tests/guest/scenarios.sh's scenario_NAME (default)
@@ -22,13 +23,13 @@ out=.cache/debian-guest
 mkdir -p .cache
 exec 9>.cache/debian-guest.lock
 flock 9
-stamp=$(cat scripts/build-debian-guest.sh scripts/lib/guest-build.sh tests/guest/scenarios.sh | sha256sum | cut -c1-16)
+stamp=$(cat scripts/build-debian-guest.sh scripts/lib/guest-build.sh scripts/lib/firmware-disks.sh tests/guest/scenarios.sh | sha256sum | cut -c1-16)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ]; then
     echo "$root/$out"
     exit 0
 fi
 
-for cmd in cpio:cpio mkfs.ext4:e2fsprogs dpkg-deb:dpkg objcopy:binutils; do
+for cmd in cpio:cpio mkfs.ext4:e2fsprogs dpkg-deb:dpkg objcopy:binutils mcopy:mtools sfdisk:fdisk syslinux:syslinux; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || {
         echo "build-debian-guest: ${cmd%%:*} is missing: run scripts/setup.sh (or apt-get install ${cmd#*:})" >&2
         exit 1
@@ -121,6 +122,9 @@ echo "hello from the host's ext4 image" >"$work/disk/hello.txt"
 mkfs.ext4 -q -F -L rhyve-test -d "$work/disk" "$out/disk.ext4" 16M >&2
 
 cp "$kernel" "$out/vmlinuz"
+# shellcheck source=lib/firmware-disks.sh
+. scripts/lib/firmware-disks.sh
+firmware_disks "$out/vmlinuz" "$out/initrd.img" "$out"
 rm -rf "$work"
 echo "$stamp" >"$out/stamp"
 echo "$root/$out"

@@ -127,6 +127,16 @@ if [ "$mode" != "--no-linux" ]; then
     if [ -n "$rg" ]; then
         # Every guest console line is shown, so the watchdog sees a booting guest's progress.
         export RHYVE_TEST_CONSOLE=1
+        # The harness's QEMU (7.2 and 10.0 alike) aborts when an SVM guest writes CR8 while a
+        # virtual interrupt is pending, which OVMF's interrupt return path does on every tick
+        # (README.md, "The nested harness"): the OVMF boots run only on hardware KVM.
+        echo "test: not running the OVMF boots (real_guest_ovmf_*) in the nested harness: its QEMU aborts on OVMF's CR8 writes" | tee -a "$log" >&2
+        # Whole names: a rerun adds --exact, which makes --skip match whole names only.
+        for t in real_guest_ovmf_boots_systemd_boot_from_a_gpt_disk_and_keeps_a_uefi_variable_across_boots \
+            real_guest_ovmf_single_file_boots_systemd_boot_to_user_space; do
+            grep -q "^fn $t()" tests/real_guest.rs || { echo "test: scripts/test.sh skips $t, which tests/real_guest.rs lacks" >&2; exit 1; }
+            rgcmd+=(--skip "$t")
+        done
         in_l1 480 "${rgcmd[@]}" 2>&1 | tee -a "$log"
     else
         "${rgcmd[@]}" 2>&1 | tee -a "$log"

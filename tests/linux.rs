@@ -177,3 +177,120 @@ fn debian_guest_bzimage_unpacked_for_pvh_boots_one_cpu_and_64_bit_user_space_fau
         r.stderr
     );
 }
+
+/// Boots firmware `rom` on this PVM host with the i440fx chipset and fw_cfg, the test guest's
+/// boot disk `disk` (if any) on virtio-blk, and `extra` rhyve options.
+fn boot_firmware_on_pvm(
+    tag: &str,
+    rom: &str,
+    disk: Option<&str>,
+    extra: &[&str],
+) -> (LinuxGuest, Run) {
+    require_pvm();
+    let bootrom = format!("bootrom,{rom}");
+    let blk = disk.map(|d| format!("2,virtio-blk,{d}"));
+    let mut args = vec![
+        "-c",
+        "1",
+        "-m",
+        "256M",
+        "-s",
+        "0,hostbridge,model=i440fx",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "-l",
+        "fwcfg,qemu",
+    ];
+    if let Some(b) = &blk {
+        args.extend(["-s", b.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    args.push(tag);
+    boot(tag, spawn(&args))
+}
+
+/// A copy of the test guest's boot disk `name`, removed on drop.
+struct DiskCopy(std::path::PathBuf);
+
+impl DiskCopy {
+    fn new(name: &str) -> DiskCopy {
+        let p = std::env::temp_dir().join(format!("rhyve-pvm-{name}-{}", std::process::id()));
+        std::fs::copy(debian_guest().join(name), &p).expect("copy the boot disk");
+        DiskCopy(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for DiskCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn firmware_seabios_boots_syslinux_from_virtio_blk_until_its_32_bit_iret_on_pvm() {
+    // SeaBIOS runs from the reset vector through PAM, its POST and its own virtio-blk driver,
+    // and boots the MBR; SYSLINUX then returns from an interrupt with a 32-bit `iret` at CPL0,
+    // which PVM's emulator cannot run (the guest's kernel-mode code is emulated here).
+    let disk = DiskCopy::new("bios.img");
+    let (g, r) = boot_firmware_on_pvm(
+        "seabios-pvm",
+        "/usr/share/seabios/bios.bin",
+        Some(disk.path()),
+        &[],
+    );
+    g.assert_lines(
+        &r,
+        &[
+            "SeaBIOS (version",
+            "Booting from Hard Disk",
+            "SYSLINUX 6.04",
+        ],
+    );
+    assert!(
+        r.stderr
+            .contains("KVM cannot emulate `iret` (cf) in 32-bit code"),
+        "SeaBIOS's boot stopped elsewhere: {}",
+        r.stderr
+    );
+    assert_eq!(
+        r.code(),
+        4,
+        "an emulation failure is bhyve's error status 4"
+    );
+}
+
+#[test]
+fn firmware_ovmf_stops_at_its_first_x87_instruction_on_pvm() {
+    // OVMF's SEC phase sets the x87 control word (`fldcw`) before anything else it prints;
+    // KVM's instruction emulator has no x87, so PVM, which emulates the guest's kernel-mode
+    // code, stops there: the 4 MiB build in 32-bit code, the single-file build in 64-bit code.
+    let vars =
+        DiskCopy(std::env::temp_dir().join(format!("rhyve-pvm-vars-{}", std::process::id())));
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars.0)
+        .expect("copy OVMF's variable store (apt-get install ovmf)");
+    for (rom, mode) in [
+        (
+            format!("/usr/share/OVMF/OVMF_CODE_4M.fd,{}", vars.path()),
+            "32-bit",
+        ),
+        ("/usr/share/ovmf/OVMF.fd".to_string(), "64-bit"),
+    ] {
+        let (_, r) = boot_firmware_on_pvm("ovmf-pvm", &rom, None, &[]);
+        assert!(
+            r.stderr.contains("KVM cannot emulate `fldcw")
+                && r.stderr.contains(&format!("in {mode} code")),
+            "{rom}: OVMF stopped elsewhere: {}",
+            r.stderr
+        );
+        assert_eq!(
+            r.code(),
+            4,
+            "{rom}: an emulation failure is bhyve's error status 4"
+        );
+    }
+}

@@ -1192,3 +1192,139 @@ fn real_guest_qboot_boots_the_kernel_it_reads_from_fw_cfg_with_rhyves_acpi_table
     );
     assert_eq!(r.code(), 1, "{}", r.stderr);
 }
+
+/// A copy of the test guest's boot disk `name` (scripts/lib/firmware-disks.sh).
+fn boot_disk_copy(name: &str, tag: &str) -> Scratch {
+    let g = debian_guest();
+    let s = Scratch::new(&format!("{tag}.img"));
+    std::fs::copy(g.join(name), &s.0).expect("copy the boot disk");
+    s
+}
+
+/// Boots firmware `rom` (with `extra` rhyve options) from boot disk `disk` on virtio-blk:
+/// no kernel given to rhyve; the disk's boot loader starts the test guest's firmware scenario.
+fn boot_firmware(tag: &str, rom: &str, disk: &Scratch, extra: &[&str]) -> LinuxGuest {
+    require_hw_kvm();
+    let bootrom = format!("bootrom,{rom}");
+    let blk = format!("2,virtio-blk,{}", disk.path());
+    let mut args = vec![
+        "-c",
+        "1",
+        "-m",
+        "512M",
+        "-s",
+        "0,hostbridge,model=i440fx",
+        "-s",
+        &blk,
+        "-l",
+        "com1,stdio",
+        "-l",
+        &bootrom,
+        "-l",
+        "fwcfg,qemu",
+    ];
+    args.extend_from_slice(extra);
+    args.push(tag);
+    LinuxGuest::new(tag, spawn(&args))
+}
+
+#[test]
+fn real_guest_seabios_boots_syslinux_from_an_mbr_disk_on_virtio_blk_to_user_space() {
+    // SeaBIOS from the reset vector: it shadows itself through PAM, installs rhyve's ACPI
+    // tables from fw_cfg, finds the virtio-blk disk with its own driver and boots its MBR;
+    // SYSLINUX loads the kernel and initramfs through the BIOS's disk services.
+    let rom = firmware("/usr/share/seabios/bios.bin", "seabios");
+    let disk = boot_disk_copy("bios.img", "seabios");
+    let mut g = boot_firmware("seabios", &rom, &disk, &[]);
+    let r = g.finish();
+    g.assert_lines(
+        &r,
+        &[
+            "SeaBIOS (version",
+            "Booting from Hard Disk",
+            "SYSLINUX",
+            "Run /init as init process",
+            "rhyve-guest: firmware: bios",
+            "rhyve-guest: rsdp: ACPI: RSDP 0x00000000000F",
+            "rhyve-guest: acpi problems: 0",
+            // SYSLINUX names the image it loaded first.
+            "rhyve-guest: cmdline: BOOT_IMAGE=/vmlinuz console=ttyS0 rhyve.scenario=firmware",
+            "rhyve-guest: end: poweroff",
+        ],
+    );
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+}
+
+/// Debian's OVMF (package ovmf): the code and a variable-store template, and the single file.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const OVMF_ONE: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// The UEFI boot's lines: systemd-boot from the ESP's removable-media path, the kernel's EFI
+/// stub, and the guest seeing UEFI.
+const UEFI_BOOT: &[&str] = &[
+    "Run /init as init process",
+    "rhyve-guest: firmware: efi",
+    "rhyve-guest: acpi problems: 0",
+    "rhyve-guest: cmdline: ",
+];
+
+/// The value the firmware scenario found in its UEFI variable, and the one it wrote.
+fn efivar(console: &str) -> (String, String) {
+    let field = |key: &str| {
+        console
+            .lines()
+            .find_map(|l| l.split_once(key).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("the guest never printed {key:?}"))
+    };
+    (
+        field("rhyve-guest: efivar before: "),
+        field("rhyve-guest: efivar written: "),
+    )
+}
+
+#[test]
+fn real_guest_ovmf_boots_systemd_boot_from_a_gpt_disk_and_keeps_a_uefi_variable_across_boots() {
+    // OVMF with its variable store in a varfile (bhyve's -l bootrom,CODE,VARS): rhyve presents
+    // the store as a CFI flash, so what the guest writes through UEFI's runtime services
+    // reaches the file and the next boot reads it.
+    let code = firmware(OVMF_CODE, "ovmf");
+    let vars = Scratch::new("ovmf-vars.fd");
+    std::fs::copy(firmware(OVMF_VARS, "ovmf"), &vars.0).expect("copy the variable store");
+    let rom = format!("{code},{}", vars.path());
+    let template = std::fs::read(OVMF_VARS).expect("read the template");
+    let mut written = Vec::new();
+    for boot in ["ovmf-1", "ovmf-2"] {
+        let disk = boot_disk_copy("efi.img", boot);
+        let mut g = boot_firmware(boot, &rom, &disk, &[]);
+        let r = g.finish();
+        g.assert_lines(&r, UEFI_BOOT);
+        assert_eq!(r.code(), 1, "{}", r.stderr);
+        written.push(efivar(&g.console));
+    }
+    assert_eq!(
+        written[0].0, "none",
+        "the fresh store had the variable already"
+    );
+    assert_eq!(
+        written[1].0, written[0].1,
+        "the second boot did not read what the first wrote"
+    );
+    assert_ne!(
+        std::fs::read(&vars.0).expect("read the store"),
+        template,
+        "the varfile was not written"
+    );
+}
+
+#[test]
+fn real_guest_ovmf_single_file_boots_systemd_boot_to_user_space() {
+    // OVMF.fd, code and variables in one ROM: it boots; its variables do not persist (the ROM
+    // is read-only, so the firmware keeps them in RAM).
+    let rom = firmware(OVMF_ONE, "ovmf");
+    let disk = boot_disk_copy("efi.img", "ovmf-one");
+    let mut g = boot_firmware("ovmf-one", &rom, &disk, &[]);
+    let r = g.finish();
+    g.assert_lines(&r, UEFI_BOOT);
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+}

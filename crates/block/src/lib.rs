@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use rhyve_config::{parse_bool, Config};
@@ -24,9 +24,12 @@ use rhyve_config::{parse_bool, Config};
 pub const SECTOR: u64 = 512;
 /// Bytes of the serial number a disk reports.
 pub const ID_BYTES: usize = 20;
-/// Largest transfer one request may ask for: the bounce buffer is this big at most, so a
-/// guest cannot make the I/O threads allocate without bound.
+/// The bounce buffer's size at most: a larger transfer moves through it in pieces of this
+/// size, so a guest cannot make the I/O threads allocate without bound.
 pub const REQUEST_MAX: u64 = 8 << 20;
+/// Largest transfer one request may ask for. A driver that did not accept the device's
+/// size and segment limits (OVMF's accepts neither) may send one buffer of up to 1 GiB.
+pub const TRANSFER_MAX: u64 = 1 << 30;
 
 /// The backend: an open file plus what the options made of it.
 pub struct Disk {
@@ -181,7 +184,7 @@ pub enum Op {
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockError {
-    /// Outside the disk, not whole sectors, larger than `REQUEST_MAX`, or buffers outside
+    /// Outside the disk, not whole sectors, larger than `TRANSFER_MAX`, or buffers outside
     /// guest memory.
     Invalid,
     /// A write to a read-only disk.
@@ -225,6 +228,43 @@ impl Drop for Bounce {
 pub trait GuestBuffers: Bytes<GuestAddress> + Clone + Send + Sync + 'static {}
 impl<M: Bytes<GuestAddress> + Clone + Send + Sync + 'static> GuestBuffers for M {}
 
+/// Fills `b` from the guest buffers `segs` (`gather`), or spreads `b` over them, starting at
+/// `cursor` (segment index, offset in it), which moves past what was copied.
+fn copy_segments<M: GuestBuffers>(
+    mem: &M,
+    segs: &[(GuestAddress, u32)],
+    cursor: &mut (usize, u32),
+    b: &mut [u8],
+    gather: bool,
+) -> Result<(), BlockError> {
+    let mut done = 0usize;
+    while done < b.len() {
+        let &(addr, len) = segs.get(cursor.0).ok_or(BlockError::Invalid)?;
+        let left = len.saturating_sub(cursor.1) as usize;
+        if left == 0 {
+            *cursor = (cursor.0.saturating_add(1), 0);
+            continue;
+        }
+        let n = left.min(b.len().saturating_sub(done));
+        let part = b
+            .get_mut(done..done.saturating_add(n))
+            .ok_or(BlockError::Invalid)?;
+        let at = addr
+            .checked_add(u64::from(cursor.1))
+            .ok_or(BlockError::Invalid)?;
+        if gather {
+            mem.read_slice(part, at)
+        } else {
+            mem.write_slice(part, at)
+        }
+        .map_err(|_| BlockError::Invalid)?;
+        done = done.saturating_add(n);
+        // n <= left = len - offset, so this stays within the segment.
+        cursor.1 = cursor.1.saturating_add(n as u32);
+    }
+    Ok(())
+}
+
 /// Executes `op` on the guest buffers `segs` (in order); returns the bytes written into guest
 /// memory. Every range is checked against the disk before anything is done.
 pub fn execute<M: GuestBuffers>(
@@ -243,42 +283,35 @@ pub fn execute<M: GuestBuffers>(
             let in_disk = offset
                 .checked_add(total)
                 .is_some_and(|end| end <= disk.size);
-            if !in_disk || !total.is_multiple_of(SECTOR) || total > REQUEST_MAX {
+            if !in_disk || !total.is_multiple_of(SECTOR) || total > TRANSFER_MAX {
                 return Err(BlockError::Invalid);
             }
             if write && disk.ro {
                 return Err(BlockError::ReadOnly);
             }
-            // At most REQUEST_MAX (checked above), which fits both.
-            let len = usize::try_from(total).map_err(|_| BlockError::Invalid)?;
+            // At most TRANSFER_MAX (checked above), which fits both.
             let done = u32::try_from(total).map_err(|_| BlockError::Invalid)?;
-            let mut buf = Bounce::new(len).ok_or(BlockError::Io)?;
-            let b = buf.as_mut();
-            if !write {
-                disk.file
-                    .read_exact_at(b, *offset)
-                    .map_err(|_| BlockError::Io)?;
-            }
-            let mut at = 0usize;
-            for (addr, l) in segs {
-                let end = at.checked_add(*l as usize).ok_or(BlockError::Invalid)?;
-                let part = b.get_mut(at..end).ok_or(BlockError::Invalid)?;
-                let moved = if write {
-                    mem.read_slice(part, *addr)
+            let chunk = usize::try_from(total.min(REQUEST_MAX)).map_err(|_| BlockError::Invalid)?;
+            let mut buf = Bounce::new(chunk).ok_or(BlockError::Io)?;
+            // Where the next chunk starts in the guest's buffers: segment index, offset in it.
+            let mut cursor = (0usize, 0u32);
+            let mut at = 0u64;
+            while at < total {
+                let n = total.saturating_sub(at).min(REQUEST_MAX) as usize;
+                let b = buf.as_mut().get_mut(..n).ok_or(BlockError::Invalid)?;
+                let pos = offset.checked_add(at).ok_or(BlockError::Invalid)?;
+                if write {
+                    copy_segments(mem, segs, &mut cursor, b, true)?;
+                    disk.file.write_all_at(b, pos).map_err(|_| BlockError::Io)?;
                 } else {
-                    mem.write_slice(part, *addr)
-                };
-                moved.map_err(|_| BlockError::Invalid)?;
-                at = end;
+                    disk.file
+                        .read_exact_at(b, pos)
+                        .map_err(|_| BlockError::Io)?;
+                    copy_segments(mem, segs, &mut cursor, b, false)?;
+                }
+                at = at.saturating_add(n as u64);
             }
-            if write {
-                disk.file
-                    .write_all_at(b, *offset)
-                    .map_err(|_| BlockError::Io)?;
-                Ok(0)
-            } else {
-                Ok(done)
-            }
+            Ok(if write { 0 } else { done })
         }
         // The guest was told the data is durable: it must reach the disk.
         Op::Flush => disk
@@ -477,6 +510,47 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         got
+    }
+
+    #[test]
+    fn a_transfer_larger_than_the_bounce_buffer_moves_in_pieces_across_uneven_segments() {
+        let p = std::env::temp_dir().join(format!("rhyve-block-big-{}", std::process::id()));
+        let size = 3 * REQUEST_MAX as usize;
+        let data: Vec<u8> = (0..size).map(|i| (i / 512 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let mut c = Config::new();
+        c.set("d.path", p.to_str().unwrap()).unwrap();
+        let d = Disk::open(&c, "d").unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        // 20.5 MiB in three segments whose edges fall inside the 8 MiB pieces.
+        let total = 20 * (1 << 20) + 512;
+        let segs = vec![
+            (GuestAddress(0x10_0000), 5 * (1 << 20)),
+            (GuestAddress(0x100_0000), 13 * (1 << 20) + 512),
+            (GuestAddress(0x200_0000), 2 * (1 << 20)),
+        ];
+        let n = execute(&d, &mem, &Op::Read { offset: 512 }, &segs).unwrap();
+        assert_eq!(n as usize, total);
+        let mut at = 512usize;
+        for &(addr, len) in &segs {
+            let mut got = vec![0u8; len as usize];
+            mem.read_slice(&mut got, addr).unwrap();
+            assert!(
+                got == data[at..at + len as usize],
+                "segment at {addr:?} differs"
+            );
+            at += len as usize;
+        }
+        // Written back one sector further on: the file holds the same bytes shifted.
+        assert_eq!(execute(&d, &mem, &Op::Write { offset: 1024 }, &segs), Ok(0));
+        let back = std::fs::read(&p).unwrap();
+        assert!(back[1024..1024 + total] == data[512..512 + total]);
+        let too_big = vec![(GuestAddress(0), (TRANSFER_MAX + SECTOR) as u32)];
+        assert_eq!(
+            execute(&d, &mem, &Op::Read { offset: 0 }, &too_big),
+            Err(BlockError::Invalid)
+        );
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

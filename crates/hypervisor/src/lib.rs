@@ -4,6 +4,7 @@
 //! and preparing vCPUs (CPUID with per-vCPU APIC IDs, the x86 reset state).
 
 pub mod cpuid;
+pub mod flash;
 pub mod irq;
 pub mod memory;
 pub mod shadow;

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+use crate::flash::Flash;
 use crate::shadow::{self, Shadow};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
@@ -98,6 +99,8 @@ pub struct GuestRam {
     low_split: Option<u32>,
     /// The PAM-routed BIOS area, when the chipset has one.
     shadow: Option<Arc<Shadow>>,
+    /// The variable store as a CFI flash, when the firmware wants one.
+    flash: Option<Arc<Flash>>,
 }
 
 /// Registers `size` bytes at host address `host` as guest-physical `gpa` in slot `slot`.
@@ -138,6 +141,7 @@ impl GuestRam {
             rom: None,
             low_split: None,
             shadow: None,
+            flash: None,
         };
         ram.map_ram(vm, 0)?;
         Ok(ram)
@@ -229,11 +233,15 @@ impl GuestRam {
 
     /// Maps the boot ROM so it ends at 4 GiB, and its variable store just below it
     /// (bhyve `bootrom_loadrom`). Returns the ROM's guest-physical base.
+    ///
+    /// With `flash` the variable store is a CFI flash (`flash.rs`), as firmware built for QEMU
+    /// wants it; otherwise it is writable memory, as bhyve's firmware wants it.
     pub fn map_bootrom(
         &mut self,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         rom_path: &str,
         vars_path: Option<&str>,
+        flash: bool,
     ) -> Result<u64, MemoryError> {
         let rom_err = |path: &str, msg: String| MemoryError::Rom {
             path: path.into(),
@@ -294,15 +302,26 @@ impl GuestRam {
         self.rom = Some((region.clone(), rom_size));
         self.extra.push(region);
         if let Some((f, size)) = vars {
-            let region =
-                MmapRegion::from_file(FileOffset::new(f, 0), size as usize).map_err(alloc)?;
+            let region = Arc::new(
+                MmapRegion::from_file(FileOffset::new(f, 0), size as usize).map_err(alloc)?,
+            );
             let base = rom_base - size;
-            // SAFETY: the region is kept in `self.extra` for the VM's lifetime.
-            unsafe { set_slot(vm, self.next_slot, base, region.as_ptr(), size, 0)? };
+            if flash {
+                let f = Flash::new(vm.clone(), region.clone(), base, self.next_slot)?;
+                self.flash = Some(Arc::new(f));
+            } else {
+                // SAFETY: the region is kept in `self.extra` for the VM's lifetime.
+                unsafe { set_slot(vm, self.next_slot, base, region.as_ptr(), size, 0)? };
+            }
             self.next_slot += 1;
-            self.extra.push(Arc::new(region));
+            self.extra.push(region);
         }
         Ok(rom_base)
+    }
+
+    /// The variable store's flash, when `map_bootrom` made one.
+    pub fn flash(&self) -> Option<Arc<Flash>> {
+        self.flash.clone()
     }
 
     /// bhyve `-S` (`memory.wired`): every RAM page is faulted in now and locked, so the guest

@@ -97,7 +97,10 @@ struct Request {
 }
 
 /// Splits a chain into header, data segments and status; None for a malformed chain.
-fn parse(chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> Option<Request> {
+///
+/// `acked` is what the driver accepted: the size and segment limits hold only if it accepted
+/// them (a driver that did not, such as OVMF's, may send a single large buffer).
+fn parse(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, acked: u64) -> Option<Request> {
     let head = chain.head_index();
     let descs: Vec<_> = chain.collect();
     let (first, rest) = descs.split_first()?;
@@ -111,12 +114,12 @@ fn parse(chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> Option<Request> {
     let mut segs = Vec::with_capacity(data.len());
     for d in data {
         // Data direction must match the request type; sizes are bounded.
-        if d.is_write_only() != writes_guest || d.len() > SIZE_MAX {
+        if d.is_write_only() != writes_guest || (acked & F_SIZE_MAX != 0 && d.len() > SIZE_MAX) {
             return None;
         }
         segs.push((d.addr(), d.len()));
     }
-    if segs.len() > SEG_MAX as usize {
+    if acked & F_SEG_MAX != 0 && segs.len() > SEG_MAX as usize {
         return None;
     }
     // The status byte is the last byte of the last descriptor.
@@ -293,6 +296,8 @@ struct BlkQueue {
     pool: Pool<(u16, GuestAddress)>,
     stats: Arc<BlkStats>,
     bad: AtomicU64,
+    /// The features the driver accepted.
+    acked: u64,
 }
 
 /// Token of the pool's completion eventfd (0 is the queue's notify).
@@ -301,8 +306,14 @@ const DONE_TOKEN: usize = 1;
 impl BlkQueue {
     /// Takes every available request to the pool; false if the pool is gone.
     fn submit(&mut self) -> bool {
-        let (mem, disk, pool, bad, stats) =
-            (&self.mem, &self.disk, &self.pool, &self.bad, &self.stats);
+        let (mem, disk, pool, bad, stats, acked) = (
+            &self.mem,
+            &self.disk,
+            &self.pool,
+            &self.bad,
+            &self.stats,
+            self.acked,
+        );
         stats
             .notifies
             .fetch_add(super::drain(&self.q.notify), Ordering::Relaxed);
@@ -311,7 +322,7 @@ impl BlkQueue {
         self.q.serve_all(mem, |queue, chain| {
             let head = chain.head_index();
             stats.requests.fetch_add(1, Ordering::Relaxed);
-            let Some(r) = parse(chain, mem) else {
+            let Some(r) = parse(chain, mem, acked) else {
                 if rate_limited(bad) {
                     log::warn!("virtio-blk: malformed request (descriptor {head}) failed");
                 }
@@ -439,6 +450,7 @@ impl VirtioDevice for Blk {
             pool,
             stats: self.stats.clone(),
             bad: AtomicU64::new(0),
+            acked: a.acked,
         };
         self.running = Some(Running::start("virtio-blk", fds, &a, handler)?);
         Ok(())
@@ -538,7 +550,7 @@ mod tests {
     fn run(m: &GuestMem, d: &Disk, descs: &[(u64, u32, u16)]) -> Option<(u8, u32)> {
         let mut q = chain(m, descs);
         let c = q.pop_descriptor_chain(m)?;
-        let r = parse(c, m)?;
+        let r = parse(c, m, F_SIZE_MAX | F_SEG_MAX)?;
         Some(execute(d, m, &r))
     }
 
@@ -623,8 +635,8 @@ mod tests {
             (0x3000, 1, WRITE),
         ];
         assert_eq!(run(&m, &d, &partial), Some((S_IOERR, 0)));
-        // More than REQUEST_MAX in one request: refused before any buffer is allocated. Nine
-        // 1 MiB segments over the same (valid) guest memory: only the size cap can fail it.
+        // More than the bounce buffer (REQUEST_MAX) in one request: it moves in pieces. Nine
+        // 1 MiB segments over the same (valid) guest memory.
         let (disk_big, big_path) = {
             let p = std::env::temp_dir().join(format!("rhyve-blk-big-{}.img", std::process::id()));
             std::fs::File::create(&p)
@@ -641,7 +653,24 @@ mod tests {
         }
         big.push((0x3000, 1, WRITE));
         header(&m, T_IN, 0);
-        assert_eq!(run(&m, &disk_big, &big), Some((S_IOERR, 0)));
+        assert_eq!(run(&m, &disk_big, &big), Some((S_OK, 9 << 20)));
+        // More than TRANSFER_MAX, from a driver that did not accept the size limit (so one
+        // descriptor may be that large): refused before any buffer is allocated.
+        header(&m, T_IN, 0);
+        let huge = [
+            (0x1000, 16, NEXT),
+            (0, 1 << 30, NEXT | WRITE),
+            (0, 1 << 30, NEXT | WRITE),
+            (0x3000, 1, WRITE),
+        ];
+        let mut q = chain(&m, &huge);
+        let c = q.pop_descriptor_chain(&m).expect("offered");
+        let r = parse(c, &m, 0).expect("no limits were accepted");
+        assert_eq!(execute(&disk_big, &m, &r), (S_IOERR, 0));
+        // With the limits accepted, a descriptor over SIZE_MAX is malformed.
+        let mut q = chain(&m, &huge);
+        let c = q.pop_descriptor_chain(&m).expect("offered");
+        assert!(parse(c, &m, F_SIZE_MAX).is_none());
         std::fs::remove_file(big_path).unwrap();
         // An unknown request type.
         header(&m, 99, 0);
@@ -661,7 +690,7 @@ mod tests {
         let c = q
             .pop_descriptor_chain(&m)
             .expect("the looping chain is offered");
-        assert!(parse(c, &m).is_none());
+        assert!(parse(c, &m, F_SIZE_MAX | F_SEG_MAX).is_none());
         std::fs::remove_file(path).unwrap();
     }
 

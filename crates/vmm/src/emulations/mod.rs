@@ -46,7 +46,7 @@ fn virtio_net(ctx: &PciInitCtx, cfg: &Config, prefix: &str) -> Result<Box<dyn Pc
 pub static PCI_EMULATIONS: &[PciEmulation] = &[
     PciEmulation {
         name: "hostbridge",
-        description: "host bridge (0:0.0); model=i440fx presents QEMU pc's for its firmware",
+        description: "host bridge (0:0.0); model=i440fx presents QEMU pc's (PAM, PIIX4 PM at 0:1.3) for its firmware",
         keys: &["vendor", "devid", "model"],
         legacy_config: None,
         init: hostbridge::init,
@@ -64,6 +64,13 @@ pub static PCI_EMULATIONS: &[PciEmulation] = &[
         keys: &[],
         legacy_config: None,
         init: lpc_bridge::init,
+    },
+    PciEmulation {
+        name: "piix4-pm",
+        description: "PIIX4 power management (0:1.3 with model=i440fx): where OVMF finds the ACPI PM block",
+        keys: &[],
+        legacy_config: None,
+        init: lpc_bridge::init_piix4_pm,
     },
     PciEmulation {
         name: "dummy",

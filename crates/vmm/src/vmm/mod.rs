@@ -204,6 +204,17 @@ impl Vm {
         let router =
             Arc::new(IrqRouter::new(vm_fd.clone()).map_err(|e| VmError::Device(e.to_string()))?);
         let shadow = Self::shadow(cfg, &vm_fd, &mut ram, &shared, firmware)?;
+        if let Some(f) = ram.flash() {
+            shared
+                .mmio
+                .insert(
+                    "uefi variable flash",
+                    f.base(),
+                    f.size(),
+                    Arc::new(Mutex::new(FlashExits(f.clone()))),
+                )
+                .map_err(|e| VmError::Device(e.to_string()))?;
+        }
         let pci = Self::init_pci(
             cfg,
             &PciInitCtx {
@@ -300,7 +311,7 @@ impl Vm {
     /// reads from fw_cfg.
     fn boot_payload(
         cfg: &Config,
-        vm_fd: &VmFd,
+        vm_fd: &Arc<VmFd>,
         ram: &mut GuestRam,
         fwcfg: bool,
     ) -> Result<Option<String>, VmError> {
@@ -311,7 +322,7 @@ impl Vm {
             (None, None) => Err(VmError::NoBootPayload),
             (Some(rom), _) => {
                 let vars = cfg.get("lpc.bootvars")?;
-                let rom_base = ram.map_bootrom(vm_fd, &rom, vars.as_deref())?;
+                let rom_base = ram.map_bootrom(vm_fd, &rom, vars.as_deref(), fwcfg)?;
                 log::info!("boot ROM {rom} mapped at {rom_base:#x}");
                 Ok(None)
             }
@@ -452,6 +463,12 @@ impl Vm {
         b.file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())
             .map_err(err)?;
         b.file("bootorder", Vec::new()).map_err(err)?;
+        if cfg.get("lpc.com1.path")?.is_some() {
+            // There is no display: SeaBIOS's text output (its own, a boot loader's) goes to
+            // COM1, and its keyboard input comes from there.
+            b.file("etc/sercon-port", 0x3f8u16.to_le_bytes().to_vec())
+                .map_err(err)?;
+        }
         if cfg.get_bool("acpi_tables", true)? {
             let t = acpi::build_for_loader(platform);
             b.file(acpi::LOADER_TABLES, t.tables).map_err(err)?;
@@ -616,6 +633,19 @@ impl Vm {
                     "the LPC bridge must be on bus 0, not at {addr}"
                 )));
             }
+        }
+        let mut devices = devices;
+        // An i440fx brings its PIIX4 PM function, unless something else was put at 0:1.3.
+        let piix4 = pci::PciAddr {
+            bus: 0,
+            slot: 1,
+            func: 3,
+        };
+        let i440fx = devices
+            .iter()
+            .any(|(a, n)| n == "hostbridge" && pci::hostbridge::has_pam(cfg, &a.config_prefix()));
+        if i440fx && devices.iter().all(|(a, _)| *a != piix4) {
+            devices.push((piix4, "piix4-pm".to_string()));
         }
         for (addr, name) in devices {
             let emul = crate::emulations::find_emulation(&name).ok_or_else(|| {
@@ -855,6 +885,18 @@ impl Vm {
     }
 }
 
+/// The variable store's flash: its commands, and the reads outside read-array mode.
+struct FlashExits(Arc<hypervisor::flash::Flash>);
+
+impl rhyve_bus::BusDevice for FlashExits {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
 /// The MMIO side of the PAM-routed BIOS area: the accesses its KVM slots let exit.
 struct ShadowExits(Arc<Shadow>);
 
@@ -864,5 +906,16 @@ impl rhyve_bus::BusDevice for ShadowExits {
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.0.write(shadow::BASE.saturating_add(offset), data);
+    }
+}
+
+#[cfg(test)]
+mod pm_base_tests {
+    #[test]
+    fn the_piix4_pm_function_names_the_pm_block_rhyve_has() {
+        assert_eq!(
+            u64::from(rhyve_pci::lpc_bridge::ACPI_PM_BASE),
+            rhyve_devices::legacy::pm::PM1A_EVT
+        );
     }
 }
