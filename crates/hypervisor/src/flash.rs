@@ -12,11 +12,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::KVM_MEM_READONLY;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegion;
 
-use crate::memory::MemoryError;
+use crate::memory::{set_slot, MemoryError};
 
 /// The erase block: what OVMF's flash driver erases at a time.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -107,20 +107,20 @@ impl Flash {
         if st.mapped == on {
             return Ok(());
         }
-        let region = kvm_userspace_memory_region {
-            slot: self.slot,
-            flags: KVM_MEM_READONLY,
-            guest_phys_addr: self.base,
-            memory_size: if on { self.size } else { 0 },
-            userspace_addr: self.region.as_ptr() as u64,
-        };
+        let size = if on { self.size } else { 0 };
         // SAFETY: the region is the varfile's shared mapping of exactly `size` bytes, owned
         // (through the Arc) by this Flash, which lives as long as the VM's devices; size 0
         // deletes the slot.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|err| MemoryError::Slot {
-            gpa: self.base,
-            err,
-        })?;
+        unsafe {
+            set_slot(
+                &self.vm,
+                self.slot,
+                self.base,
+                self.region.as_ptr(),
+                size,
+                KVM_MEM_READONLY,
+            )?
+        };
         st.mapped = on;
         Ok(())
     }

@@ -107,7 +107,7 @@ pub struct GuestRam {
 ///
 /// # Safety
 /// `host..host+size` must stay mapped for as long as the VM can run.
-unsafe fn set_slot(
+pub(crate) unsafe fn set_slot(
     vm: &VmFd,
     slot: u32,
     gpa: u64,

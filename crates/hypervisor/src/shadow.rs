@@ -16,12 +16,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::KVM_MEM_READONLY;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::memory::{GuestMem, MemoryError, PAGE_SIZE};
+use crate::memory::{set_slot, GuestMem, MemoryError, PAGE_SIZE};
 
 /// The area the PAM registers control.
 pub const BASE: u64 = 0xc_0000;
@@ -193,18 +193,10 @@ impl Shadow {
         host: u64,
         flags: u32,
     ) -> Result<(), MemoryError> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
         // SAFETY: `host..host+size` lies in guest RAM (kept mapped by `self.mem`) or in the ROM
         // copy (kept by `self.rom`), both owned by this Shadow, which the VM's devices hold
         // for as long as the VM runs; size 0 deletes the slot.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|err| MemoryError::Slot { gpa, err })
+        unsafe { set_slot(&self.vm, slot, gpa, host as *mut u8, size, flags) }
     }
 
     /// A vCPU write that exited inside the area (its segment reads the ROM side or is
