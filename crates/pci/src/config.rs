@@ -83,6 +83,10 @@ pub struct ConfigSpace {
     /// Where the next capability goes.
     next_cap: usize,
     last_cap: Option<usize>,
+    /// The I/O APIC pin this function's INTx is wired to (set with the pin at init). The
+    /// Interrupt Line register starts with it, but it is the guest's to write (firmware
+    /// writes its own numbering there) and changes no wiring.
+    intx_gsi: Option<u8>,
 }
 
 impl ConfigSpace {
@@ -94,6 +98,7 @@ impl ConfigSpace {
             bars: [None; NUM_BARS],
             next_cap: 0x40,
             last_cap: None,
+            intx_gsi: None,
         };
         c.set_u16(VENDOR_ID, vendor);
         c.set_u16(DEVICE_ID, device);
@@ -191,6 +196,12 @@ impl ConfigSpace {
     pub fn set_interrupt_pin(&mut self, pin: u8, line: u8) {
         self.regs[INTR_PIN] = pin;
         self.regs[INTR_LINE] = line;
+        self.intx_gsi = Some(line);
+    }
+
+    /// The I/O APIC pin INTx is wired to, whatever the guest wrote into Interrupt Line.
+    pub fn intx_gsi(&self) -> Option<u8> {
+        self.intx_gsi
     }
 
     pub fn set_subsystem(&mut self, vendor: u16, id: u16) {
@@ -390,8 +401,14 @@ mod tests {
             c.command(),
             CMD_IO | CMD_MEM | CMD_BUS_MASTER | CMD_INTX_DISABLE
         );
+        c.set_interrupt_pin(1, 17);
         c.guest_write(INTR_LINE, &[11]);
         assert_eq!(c.u8(INTR_LINE), 11);
+        assert_eq!(
+            c.intx_gsi(),
+            Some(17),
+            "firmware's Interrupt Line numbering changes no wiring"
+        );
         // Out of range reads are all ones, writes vanish.
         assert_eq!(c.u8(300), 0xff);
         c.guest_write(254, &[1, 2, 3, 4]);

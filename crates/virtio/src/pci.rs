@@ -18,7 +18,7 @@ use super::{
 };
 use rhyve_base::lifecycle::{DeviceState, Lifecycle, Paused, StateError};
 use rhyve_hypervisor::irq::{IntxLine, IrqRouter};
-use rhyve_pci::config::{BarKind, ConfigSpace, ConfigSpaceState, CMD_INTX_DISABLE, INTR_LINE};
+use rhyve_pci::config::{BarKind, ConfigSpace, ConfigSpaceState, CMD_INTX_DISABLE};
 use rhyve_pci::device::PciDevice;
 use rhyve_pci::msix::{Msix, MsixState};
 use rhyve_pci::PciInitCtx;
@@ -286,7 +286,7 @@ impl VirtioPci {
     }
 
     fn deassert_intx(&self) {
-        let line = self.cfg.u8(INTR_LINE);
+        let line = self.cfg.intx_gsi().unwrap_or(0);
         if (16..24).contains(&line) {
             let _ = self
                 .router
@@ -317,7 +317,7 @@ impl VirtioPci {
                 None
             }
         };
-        let line = self.cfg.u8(INTR_LINE);
+        let line = self.cfg.intx_gsi().unwrap_or(0);
         let irq = Arc::new(VirtioIrq {
             queue_vectors: self.queues.iter().map(|q| vector(q.regs.vector)).collect(),
             config_vector: vector(self.config_vector),
@@ -783,7 +783,7 @@ impl Lifecycle for VirtioPci {
         }
         self.dev.restore_state(&st.device).map_err(bad)?;
         // A level INTx the saved device was asserting is asserted again.
-        let line = self.cfg.u8(INTR_LINE);
+        let line = self.cfg.intx_gsi().unwrap_or(0);
         if st.isr != 0 && !self.msix.enabled() && !disabled && (16..24).contains(&line) {
             let _ = self
                 .router

@@ -454,16 +454,20 @@ impl TableLoader {
     }
 }
 
-/// The `etc/e820` file: 20-byte entries (address, length, type) of guest RAM.
-pub fn e820_file(ranges: &[(u64, u64)]) -> Vec<u8> {
+/// The `etc/e820` file: 20-byte entries (address, length, type).
+pub fn e820_file(ranges: &[(u64, u64, u32)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ranges.len().saturating_mul(20));
-    for &(addr, len) in ranges {
+    for &(addr, len, kind) in ranges {
         out.extend_from_slice(&addr.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
     }
     out
 }
+
+/// E820 entry types: usable RAM, and reserved (the PCI ECAM window, so that Linux uses it).
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
 
 /// A bzImage split as QEMU hands it over: the real-mode setup (boot sector and setup
 /// sectors) and the protected-mode kernel after it.
@@ -604,7 +608,8 @@ mod tests {
     fn device() -> FwCfg {
         let mut b = FwCfgBuilder::new();
         b.item(key::NB_CPUS, 2u16.to_le_bytes().to_vec());
-        b.file("etc/e820", e820_file(&[(0, 0x8000_0000)])).unwrap();
+        b.file("etc/e820", e820_file(&[(0, 0x8000_0000, E820_RAM)]))
+            .unwrap();
         b.file("bootorder", Vec::new()).unwrap();
         b.file("etc/boot-fail-wait", 5000u32.to_le_bytes().to_vec())
             .unwrap();

@@ -454,9 +454,16 @@ impl Vm {
             .item(key::NB_CPUS, ncpus.clone())
             .item(key::MAX_CPUS, ncpus)
             .item(key::IRQ0_OVERRIDE, 1u32.to_le_bytes().to_vec());
-        let mut e820 = vec![(0, layout.lowmem)];
+        use fw_cfg::{E820_RAM, E820_RESERVED};
+        use hypervisor::memory::{ECAM_BASE, HIGHMEM_BASE};
+        // RAM, and the ECAM window reserved (firmware copies the map to the guest, and Linux
+        // uses MMCONFIG only where the map reserves it).
+        let mut e820 = vec![
+            (0, layout.lowmem, E820_RAM),
+            (ECAM_BASE, ECAM_SIZE, E820_RESERVED),
+        ];
         if layout.highmem > 0 {
-            e820.push((hypervisor::memory::HIGHMEM_BASE, layout.highmem));
+            e820.push((HIGHMEM_BASE, layout.highmem, E820_RAM));
         }
         b.file("etc/e820", fw_cfg::e820_file(&e820)).map_err(err)?;
         // Milliseconds SeaBIOS waits after a failed boot before it resets the machine.
