@@ -294,3 +294,70 @@ fn firmware_ovmf_stops_at_its_first_x87_instruction_on_pvm() {
         );
     }
 }
+
+#[test]
+fn firmware_qboot_hands_the_kernel_its_memory_map_and_acpi_tables_on_pvm() {
+    // qboot runs from the reset vector, shadows itself through PAM, installs rhyve's ACPI
+    // tables from fw_cfg's table loader and boots the kernel fw_cfg carries: nothing stops it
+    // here. The kernel then goes as far as a directly booted one (the test above), so this
+    // test stops once the kernel has printed qboot's memory map and found the tables qboot
+    // installed (earlyprintk shows them as they are parsed, minutes before the console).
+    require_pvm();
+    let g = debian_guest();
+    let args = with_debian_guest(
+        &g,
+        &[
+            "-v",
+            "-c",
+            "1",
+            "-m",
+            "256M",
+            "-s",
+            "0,hostbridge,model=i440fx",
+            "-l",
+            "com1,stdio",
+            "-l",
+            "bootrom,/usr/share/qemu/qboot.rom",
+            "-l",
+            "fwcfg,qemu",
+        ],
+        &format!("{CMDLINE} earlyprintk=ttyS0"),
+        "qboot-pvm",
+    );
+    let mut guest = LinuxGuest::new(
+        "qboot",
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+    );
+    guest.stall = STALL;
+    guest.limit = BOOT_LIMIT;
+    let found = guest.wait_for("ACPI: SPCR 0x");
+    let r = guest.stop();
+    assert!(
+        found.is_some(),
+        "the kernel never listed the SPCR table qboot installed; rhyve's stderr: {}\nconsole:\n{}",
+        r.stderr,
+        guest.console
+    );
+    assert!(
+        r.stderr.contains("handed to the firmware through fw_cfg"),
+        "rhyve did not give the kernel to qboot: {}",
+        r.stderr
+    );
+    guest.assert_lines(
+        &r,
+        &[
+            "Linux version 6.",
+            // qboot's own memory map: what it reserves for its copy of the tables.
+            "BIOS-e820: [mem 0x00000000000d0000-",
+            // The ECAM window fw_cfg's map reserves.
+            "BIOS-e820: [mem 0x00000000e0000000-0x00000000efffffff] reserved",
+            "ACPI: RSDP 0x00000000000F",
+            "ACPI: XSDT 0x",
+            "ACPI: DSDT 0x",
+        ],
+    );
+    assert!(
+        !guest.console.contains("ACPI: RSDP 0x00000000000F2400"),
+        "the kernel found rhyve's direct-boot tables, not the ones qboot installed"
+    );
+}

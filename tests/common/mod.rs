@@ -511,6 +511,19 @@ impl LinuxGuest {
         r
     }
 
+    /// Ends a guest that has shown what the test needed: rhyve is killed; returns its exit
+    /// and stderr.
+    pub fn stop(&mut self) -> Run {
+        let mut child = self.child.take().expect("stop once");
+        let _ = child.kill();
+        let status = child.wait().expect("wait for the killed rhyve");
+        Run {
+            status,
+            stdout: String::new(),
+            stderr: take_stderr(&mut child),
+        }
+    }
+
     /// Panics, showing the whole console and rhyve's stderr, unless every line of `want`
     /// appeared on the console.
     pub fn assert_lines(&self, r: &Run, want: &[&str]) {
