@@ -1266,7 +1266,9 @@ const UEFI_BOOT: &[&str] = &[
     "Run /init as init process",
     "rhyve-guest: firmware: efi",
     "rhyve-guest: acpi problems: 0",
-    "rhyve-guest: cmdline: ",
+    // The options of systemd-boot's loader entry (scripts/lib/firmware-disks.sh): only
+    // systemd-boot gives the kernel these.
+    "console=ttyS0 rhyve.scenario=firmware rhyve.end=poweroff",
 ];
 
 /// The value the firmware scenario found in its UEFI variable, and the one it wrote.

@@ -142,10 +142,11 @@ impl Flash {
         let mut st = self.lock();
         match st.mode {
             Mode::Program => {
-                for (k, &b) in (0u64..).zip(data) {
-                    self.store(offset.saturating_add(k), b);
-                }
-                st.programmed = st.programmed.saturating_add(data.len() as u64);
+                let stored = (0u64..)
+                    .zip(data)
+                    .filter(|&(k, &b)| self.store(offset.saturating_add(k), b))
+                    .count();
+                st.programmed = st.programmed.saturating_add(stored as u64);
                 st.status |= STATUS_READY;
                 self.set_mode(&mut st, Mode::Status);
             }
@@ -203,31 +204,64 @@ impl Flash {
         if off >= self.size {
             return 0xff;
         }
-        // SAFETY: off < size, the mapping's length; the mapping lives as long as self.
-        unsafe { *self.region.as_ptr().add(off as usize) }
+        // SAFETY: off < size, the mapping's length; the mapping lives as long as self. The
+        // guest maps the same bytes, hence the volatile access.
+        unsafe { self.region.as_ptr().add(off as usize).read_volatile() }
     }
 
-    fn store(&self, off: u64, b: u8) {
-        if off < self.size {
-            // SAFETY: off < size, the mapping's length; only this Flash writes the store
-            // (the guest's slot is read-only).
-            unsafe { *self.region.as_ptr().add(off as usize) = b };
+    /// Programs one byte; false if `off` is outside the store.
+    fn store(&self, off: u64, b: u8) -> bool {
+        if off >= self.size {
+            return false;
         }
+        // SAFETY: off < size, the mapping's length; only this Flash writes the store (the
+        // guest's slot is read-only), volatile because the guest maps the same bytes.
+        unsafe { self.region.as_ptr().add(off as usize).write_volatile(b) };
+        true
     }
 
     fn erase(&self, at: u64) {
         let start = at - at % BLOCK_SIZE;
         let end = start.saturating_add(BLOCK_SIZE).min(self.size);
-        if start < end {
-            // SAFETY: start..end lies inside the mapping (end <= size).
-            unsafe {
-                std::ptr::write_bytes(
-                    self.region.as_ptr().add(start as usize),
-                    0xff,
-                    (end - start) as usize,
-                )
-            };
+        for off in start..end {
+            self.store(off, 0xff);
         }
+    }
+
+    /// The command state, for a snapshot: the mode (0 read array, 1 program, 2 erase, 3
+    /// status, 4 ID), the offset an erase waits to confirm, and the status register.
+    pub fn state(&self) -> (u8, u64, u8) {
+        let st = self.lock();
+        let (mode, at) = match st.mode {
+            Mode::ReadArray => (0, 0),
+            Mode::Program => (1, 0),
+            Mode::Erase(at) => (2, at),
+            Mode::Status => (3, 0),
+            Mode::Id => (4, 0),
+        };
+        (mode, at, st.status)
+    }
+
+    /// Puts the command state `state` gave back (a restored VM's), with the mapping its mode
+    /// has.
+    pub fn set_state(&self, mode: u8, erase_at: u64, status: u8) -> Result<(), String> {
+        let mode = match mode {
+            0 => Mode::ReadArray,
+            1 => Mode::Program,
+            2 if erase_at < self.size => Mode::Erase(erase_at),
+            3 => Mode::Status,
+            4 => Mode::Id,
+            m => {
+                return Err(format!(
+                    "flash: mode {m} (erase at {erase_at:#x}) is not one"
+                ))
+            }
+        };
+        let mut st = self.lock();
+        st.status = status;
+        st.mode = mode;
+        self.map(&mut st, mode == Mode::ReadArray)
+            .map_err(|e| e.to_string())
     }
 
     /// Bytes programmed and blocks erased since the VM started.
@@ -303,7 +337,25 @@ mod tests {
         f.write(0x8000, &[0x11]);
         f.write(0x8000, &[CMD_READ_ARRAY]);
         assert_eq!(byte(&f, 0x9000), 0xff);
-        assert_eq!(f.counters(), (3, 1));
+        assert_eq!(
+            f.counters(),
+            (2, 1),
+            "the byte outside the store is not counted"
+        );
+        // A snapshot between a program command and its byte restores into the same place: the
+        // next write is data, not a command.
+        f.write(0x4000, &[CMD_PROGRAM]);
+        let (mode, at, status) = f.state();
+        f.write(0x4000, &[CMD_READ_ARRAY]);
+        f.set_state(mode, at, status).unwrap();
+        f.write(0x4000, &[0x20]);
+        f.write(0x4000, &[CMD_READ_ARRAY]);
+        assert_eq!(
+            byte(&f, 0x4000),
+            0x20,
+            "the restored program command took its byte"
+        );
+        assert!(f.set_state(9, 0, 0).is_err());
         // The varfile holds what was programmed: the next boot sees it.
         drop(f);
         let file = std::fs::read(&p).unwrap();

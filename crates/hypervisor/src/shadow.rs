@@ -83,6 +83,9 @@ struct State {
     modes: [PamMode; SEGMENTS],
     /// Slots currently registered (a prefix of the reserved ones).
     used: u32,
+    /// Segments that wrote RAM under an earlier routing since `ram_pages` last ran: their
+    /// pages may have changed even if they are read-only now.
+    wrote: [bool; SEGMENTS],
 }
 
 /// The shadow area of one VM: its RAM, the ROM alias and the KVM slots reserved for it.
@@ -116,9 +119,10 @@ impl Shadow {
             state: Mutex::new(State {
                 modes: [PamMode::Off; SEGMENTS],
                 used: 0,
+                wrote: [false; SEGMENTS],
             }),
         };
-        s.set([PamMode::Off; SEGMENTS])?;
+        s.route([PamMode::Off; SEGMENTS])?;
         Ok(s)
     }
 
@@ -156,9 +160,22 @@ impl Shadow {
         (off + len <= self.rom_size).then(|| (self.rom.as_ptr() as u64 + off, KVM_MEM_READONLY))
     }
 
-    /// Routes the area as `modes` says, replacing the slots of the previous routing.
+    /// Routes the area as `modes` says, replacing the slots of the previous routing; nothing
+    /// changes if the modes do not (firmware writes the registers a byte at a time).
     pub fn set(&self, modes: [PamMode; SEGMENTS]) -> Result<(), MemoryError> {
+        if self.lock().modes == modes {
+            return Ok(());
+        }
+        self.route(modes)
+    }
+
+    fn route(&self, modes: [PamMode; SEGMENTS]) -> Result<(), MemoryError> {
         let mut st = self.lock();
+        for i in 0..SEGMENTS {
+            if st.modes[i].writes_ram() {
+                st.wrote[i] = true;
+            }
+        }
         // Segments in address order (1..=12, then 0), merged where their backing continues.
         let order = (1..SEGMENTS).chain(std::iter::once(0));
         let mut runs: Vec<(u64, u64, u64, u32)> = Vec::new(); // gpa, len, host, flags
@@ -226,12 +243,14 @@ impl Shadow {
         }
     }
 
-    /// The pages of shadow RAM the vCPUs may have written: every page of a segment that
-    /// writes RAM (their writes bypass KVM's dirty log).
+    /// The pages of shadow RAM the vCPUs may have written since the last call: every page of
+    /// a segment that writes RAM now or did under a routing since (their writes bypass KVM's
+    /// dirty log).
     pub fn ram_pages(&self) -> Vec<u64> {
-        let st = self.lock();
+        let mut st = self.lock();
+        let wrote = std::mem::replace(&mut st.wrote, [false; SEGMENTS]);
         let mut pages: Vec<u64> = (0..SEGMENTS)
-            .filter(|&i| st.modes[i].writes_ram())
+            .filter(|&i| st.modes[i].writes_ram() || wrote[i])
             .flat_map(|i| {
                 let (base, len) = segment(i);
                 (base..base + len).step_by(PAGE_SIZE as usize)
@@ -245,6 +264,72 @@ impl Shadow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shadow area over 2 MiB of RAM and a 128 KiB ROM whose bytes are their offset's
+    /// high byte, in a real VM (KVM checks every slot change).
+    fn shadow() -> (Shadow, GuestMem) {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let size = 128 << 10;
+        let rom = MmapRegion::new(size).unwrap();
+        for off in 0..size {
+            // SAFETY: off < size, the new region's length.
+            unsafe { rom.as_ptr().add(off).write((off >> 8) as u8) };
+        }
+        let s = Shadow::new(vm, mem.clone(), Arc::new(rom), size as u64, 1).unwrap();
+        (s, mem)
+    }
+
+    #[test]
+    fn exits_read_the_rom_alias_and_write_ram_only_where_the_mode_says() {
+        let (s, mem) = shadow();
+        // The ROM's last 128 KiB at 0xE0000: offset 0x1_2345 of the ROM at 0xF2345.
+        let mut b = [0u8; 2];
+        s.read(0xf_2345, &mut b);
+        assert_eq!(b, [0x23, 0x23]);
+        s.write(0xf_0000, &[0xaa]);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0xf_0000)).unwrap(),
+            0,
+            "Off drops writes"
+        );
+        let mut m = [PamMode::Off; SEGMENTS];
+        m[0] = PamMode::WriteOnly;
+        s.set(m).unwrap();
+        s.write(0xf_0000, &[0xaa]);
+        s.write(0xe_0000, &[0xbb]);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0xf_0000)).unwrap(),
+            0xaa,
+            "write-only writes RAM"
+        );
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0xe_0000)).unwrap(),
+            0,
+            "another segment is Off"
+        );
+        assert_eq!(
+            s.ram_pages().len(),
+            16,
+            "the 64 KiB segment that writes RAM"
+        );
+        // Locked again: its pages are still sent once, as they may have changed meanwhile.
+        m[0] = PamMode::ReadOnly;
+        s.set(m).unwrap();
+        assert_eq!(s.ram_pages().len(), 16);
+        assert!(s.ram_pages().is_empty(), "nothing writes RAM any more");
+        // Every mode in every segment maps.
+        for mode in [
+            PamMode::ReadWrite,
+            PamMode::ReadOnly,
+            PamMode::WriteOnly,
+            PamMode::Off,
+        ] {
+            s.set([mode; SEGMENTS]).unwrap();
+            assert_eq!(s.modes(), [mode; SEGMENTS]);
+        }
+    }
 
     #[test]
     fn segments_tile_the_area_and_addresses_find_theirs() {

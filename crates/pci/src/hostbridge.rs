@@ -122,28 +122,40 @@ fn id(cfg: &Config, key: &str, default: u16) -> Result<u16, String> {
     }
 }
 
+/// `pam`: the model has PAM registers (they read back what was written); `shadow`: the area
+/// they route, when a boot ROM is mapped.
 fn with_ids(
     cfg: &Config,
     prefix: &str,
     vendor: u16,
     device: u16,
-    pam: Option<Arc<Shadow>>,
+    pam: bool,
+    shadow: Option<Arc<Shadow>>,
 ) -> Result<Box<dyn PciDevice>, String> {
     let vendor = id(cfg, &format!("{prefix}.vendor"), vendor)?;
     let device = id(cfg, &format!("{prefix}.devid"), device)?;
+    Ok(Box::new(host_bridge(vendor, device, pam, shadow)))
+}
+
+fn host_bridge(
+    vendor: u16,
+    device: u16,
+    pam: bool,
+    shadow: Option<Arc<Shadow>>,
+) -> IdentityFunction {
     // Class 06/00: host bridge.
     let mut f = IdentityFunction {
         name: "hostbridge",
         cfg: ConfigSpace::new(vendor, device, 0x06, 0x00, 0x00),
         paused: Paused::default(),
-        pam,
+        pam: shadow,
     };
-    if f.pam.is_some() {
+    if pam {
         // PAM0's low nibble is reserved.
         f.cfg
             .set_wmask(PAM_FIRST, &[0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
     }
-    Ok(Box::new(f))
+    f
 }
 
 /// The named models `model=` takes, with their vendor and device IDs.
@@ -182,12 +194,9 @@ pub fn init(
                 )
             })?,
     };
-    let pam = if has_pam(cfg, prefix) {
-        ctx.shadow.clone()
-    } else {
-        None
-    };
-    with_ids(cfg, prefix, vendor, device, pam)
+    let pam = has_pam(cfg, prefix);
+    let shadow = if pam { ctx.shadow.clone() } else { None };
+    with_ids(cfg, prefix, vendor, device, pam, shadow)
 }
 
 /// AMD's host bridge IDs, as bhyve's `amd_hostbridge`.
@@ -196,7 +205,7 @@ pub fn init_amd(
     cfg: &Config,
     prefix: &str,
 ) -> Result<Box<dyn PciDevice>, String> {
-    with_ids(cfg, prefix, 0x1022, 0x7432, None)
+    with_ids(cfg, prefix, 0x1022, 0x7432, false, None)
 }
 
 #[cfg(test)]
@@ -205,23 +214,29 @@ mod tests {
 
     #[test]
     fn pam_registers_give_each_segment_its_mode() {
-        let mut f = IdentityFunction {
-            name: "hostbridge",
-            cfg: ConfigSpace::new(0x8086, 0x1237, 0x06, 0x00, 0x00),
-            paused: Paused::default(),
-            pam: None,
-        };
-        // SeaBIOS's unlock (PAM0 0x30, the rest 0x33), then a lock of 0xC0000-0xC7FFF and F.
-        f.cfg.set_u8(PAM_FIRST, 0x10);
-        f.cfg.set_u8(PAM_FIRST + 1, 0x11);
-        for k in 2..PAM_COUNT {
-            f.cfg.set_u8(PAM_FIRST + k, 0x33);
-        }
-        f.cfg.set_u8(PAM_FIRST + 6, 0x21);
+        let mut f = host_bridge(0x8086, 0x1237, true, None);
+        // SeaBIOS's unlock, as it writes it: two dwords at 0x58 and 0x5c, PAM0 0x30 and the
+        // rest 0x33 (0x58 itself is not a PAM register and stays 0).
+        f.cfg.guest_write(0x58, &[0xff, 0x30, 0x33, 0x33]);
+        f.config_written(0x58, 4);
+        f.cfg.guest_write(0x5c, &[0x33, 0x33, 0x33, 0x33]);
+        f.config_written(0x5c, 4);
+        assert_eq!(f.cfg.u8(0x58), 0, "0x58 is read-only");
+        assert!(f.pam_modes().iter().all(|&m| m == PamMode::ReadWrite));
+        // Its lock: 0xC0000-0xC7FFF read-only, 0xEC000 write-only, F read-only; PAM0's low
+        // nibble is reserved.
+        f.cfg.guest_write(PAM_FIRST, &[0x1f]);
+        f.cfg.guest_write(PAM_FIRST + 1, &[0x11]);
+        f.cfg.guest_write(PAM_FIRST + 6, &[0x23]);
+        assert_eq!(f.cfg.u8(PAM_FIRST), 0x10);
         let m = f.pam_modes();
         assert_eq!(m[0], PamMode::ReadOnly, "0xF0000 from PAM0's high nibble");
         assert_eq!((m[1], m[2]), (PamMode::ReadOnly, PamMode::ReadOnly));
         assert_eq!(m[3], PamMode::ReadWrite);
-        assert_eq!((m[11], m[12]), (PamMode::ReadOnly, PamMode::WriteOnly));
+        assert_eq!((m[11], m[12]), (PamMode::ReadWrite, PamMode::WriteOnly));
+        // A bridge without PAM keeps the registers at 0.
+        let mut plain = host_bridge(0x1275, 0x1275, false, None);
+        plain.cfg.guest_write(PAM_FIRST, &[0x30]);
+        assert_eq!(plain.cfg.u8(PAM_FIRST), 0);
     }
 }

@@ -655,22 +655,31 @@ mod tests {
         header(&m, T_IN, 0);
         assert_eq!(run(&m, &disk_big, &big), Some((S_OK, 9 << 20)));
         // More than TRANSFER_MAX, from a driver that did not accept the size limit (so one
-        // descriptor may be that large): refused before any buffer is allocated.
-        header(&m, T_IN, 0);
+        // descriptor may be that large), in guest memory and inside a (sparse) disk: only the
+        // cap refuses it, before any buffer is allocated.
+        let mb = GuestMem::from_ranges(&[(GuestAddress(0), (2 << 30) + (1 << 20))]).unwrap();
+        header(&mb, T_IN, 0);
         let huge = [
             (0x1000, 16, NEXT),
-            (0, 1 << 30, NEXT | WRITE),
-            (0, 1 << 30, NEXT | WRITE),
+            (0x10_0000, 1 << 30, NEXT | WRITE),
+            (0x10_0000 + (1 << 30), 1 << 30, NEXT | WRITE),
             (0x3000, 1, WRITE),
         ];
-        let mut q = chain(&m, &huge);
-        let c = q.pop_descriptor_chain(&m).expect("offered");
-        let r = parse(c, &m, 0).expect("no limits were accepted");
-        assert_eq!(execute(&disk_big, &m, &r), (S_IOERR, 0));
+        std::fs::File::create(&big_path)
+            .unwrap()
+            .set_len(4 << 30)
+            .unwrap();
+        let mut c = Config::new();
+        c.set("pci.0.4.0.path", big_path.to_str().unwrap()).unwrap();
+        let disk_huge = Disk::open(&c, "pci.0.4.0").unwrap();
+        let mut q = chain(&mb, &huge);
+        let c = q.pop_descriptor_chain(&mb).expect("offered");
+        let r = parse(c, &mb, 0).expect("no limits were accepted");
+        assert_eq!(execute(&disk_huge, &mb, &r), (S_IOERR, 0));
         // With the limits accepted, a descriptor over SIZE_MAX is malformed.
-        let mut q = chain(&m, &huge);
-        let c = q.pop_descriptor_chain(&m).expect("offered");
-        assert!(parse(c, &m, F_SIZE_MAX).is_none());
+        let mut q = chain(&mb, &huge);
+        let c = q.pop_descriptor_chain(&mb).expect("offered");
+        assert!(parse(c, &mb, F_SIZE_MAX).is_none());
         std::fs::remove_file(big_path).unwrap();
         // An unknown request type.
         header(&m, 99, 0);

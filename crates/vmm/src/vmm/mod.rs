@@ -205,15 +205,12 @@ impl Vm {
             Arc::new(IrqRouter::new(vm_fd.clone()).map_err(|e| VmError::Device(e.to_string()))?);
         let shadow = Self::shadow(cfg, &vm_fd, &mut ram, &shared, firmware)?;
         if let Some(f) = ram.flash() {
+            let dev = Arc::new(Mutex::new(FlashExits(f.clone(), Default::default())));
             shared
                 .mmio
-                .insert(
-                    "uefi variable flash",
-                    f.base(),
-                    f.size(),
-                    Arc::new(Mutex::new(FlashExits(f.clone()))),
-                )
+                .insert("uefi variable flash", f.base(), f.size(), dev.clone())
                 .map_err(|e| VmError::Device(e.to_string()))?;
+            legacy.push(("flash", dev));
         }
         let pci = Self::init_pci(
             cfg,
@@ -642,7 +639,10 @@ impl Vm {
             }
         }
         let mut devices = devices;
-        // An i440fx brings its PIIX4 PM function, unless something else was put at 0:1.3.
+        // An i440fx brings its PIIX4 PM function at 0:1.3 when slot 1 is free: alone there it
+        // is invisible to enumeration (no function 0), so only OVMF, which reads it directly,
+        // finds it. Next to a function 0, SeaBIOS would enumerate it and set up SMM through
+        // ports rhyve does not have; `-s 1:3,piix4-pm` places it by hand.
         let piix4 = pci::PciAddr {
             bus: 0,
             slot: 1,
@@ -651,8 +651,13 @@ impl Vm {
         let i440fx = devices
             .iter()
             .any(|(a, n)| n == "hostbridge" && pci::hostbridge::has_pam(cfg, &a.config_prefix()));
-        if i440fx && devices.iter().all(|(a, _)| *a != piix4) {
+        let slot1_free = devices.iter().all(|(a, _)| a.bus != 0 || a.slot != 1);
+        if i440fx && slot1_free {
             devices.push((piix4, "piix4-pm".to_string()));
+        } else if i440fx {
+            log::info!(
+                "hostbridge model=i440fx: slot 1 is taken, so there is no PIIX4 PM function at 0:1.3 (OVMF needs it)"
+            );
         }
         for (addr, name) in devices {
             let emul = crate::emulations::find_emulation(&name).ok_or_else(|| {
@@ -892,8 +897,51 @@ impl Vm {
     }
 }
 
-/// The variable store's flash: its commands, and the reads outside read-array mode.
-struct FlashExits(Arc<hypervisor::flash::Flash>);
+/// The variable store's flash: its commands, and the reads outside read-array mode; its
+/// command state is saved with the VM (the store's bytes are the varfile itself).
+struct FlashExits(Arc<hypervisor::flash::Flash>, rhyve_base::lifecycle::Paused);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FlashState {
+    mode: u8,
+    erase_at: u64,
+    status: u8,
+}
+
+const FLASH_KIND: &str = "flash";
+const FLASH_VERSION: u32 = 1;
+
+impl Lifecycle for FlashExits {
+    fn pause(&mut self) {
+        self.1.set(true);
+    }
+    fn resume(&mut self) {
+        self.1.set(false);
+    }
+    fn save(&mut self) -> Result<DeviceState, StateError> {
+        self.1.check(FLASH_KIND)?;
+        let (mode, erase_at, status) = self.0.state();
+        DeviceState::new(
+            FLASH_KIND,
+            FLASH_VERSION,
+            &FlashState {
+                mode,
+                erase_at,
+                status,
+            },
+        )
+    }
+    fn restore(&mut self, s: &DeviceState) -> Result<(), StateError> {
+        self.1.check(FLASH_KIND)?;
+        let st: FlashState = s.parse(FLASH_KIND, FLASH_VERSION)?;
+        self.0
+            .set_state(st.mode, st.erase_at, st.status)
+            .map_err(|why| StateError::Malformed {
+                kind: FLASH_KIND.into(),
+                why,
+            })
+    }
+}
 
 impl rhyve_bus::BusDevice for FlashExits {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
