@@ -187,48 +187,25 @@ fn boot_firmware_on_pvm(
     extra: &[&str],
 ) -> (LinuxGuest, Run) {
     require_pvm();
-    let bootrom = format!("bootrom,{rom}");
-    let blk = disk.map(|d| format!("2,virtio-blk,{d}"));
-    let mut args = vec![
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge,model=i440fx",
-        "-l",
-        "com1,stdio",
-        "-l",
-        &bootrom,
-        "-l",
-        "fwcfg,qemu",
-    ];
-    if let Some(b) = &blk {
-        args.extend(["-s", b.as_str()]);
+    let mut args = firmware_args(rom, "256M");
+    if let Some(d) = disk {
+        args.extend(["-s".into(), format!("2,virtio-blk,{d}")]);
     }
-    args.extend_from_slice(extra);
-    args.push(tag);
-    boot(tag, spawn(&args))
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.push(tag.into());
+    boot(
+        tag,
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+    )
 }
 
-/// A copy of the test guest's boot disk `name`, removed on drop.
-struct DiskCopy(std::path::PathBuf);
-
-impl DiskCopy {
-    fn new(name: &str) -> DiskCopy {
-        let p = std::env::temp_dir().join(format!("rhyve-pvm-{name}-{}", std::process::id()));
-        std::fs::copy(debian_guest().join(name), &p).expect("copy the boot disk");
-        DiskCopy(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for DiskCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A copy of the test guest's file `name` (a boot disk, a variable store) in a directory of
+/// this test's own, removed on drop.
+fn copy_of(dir: &common::api::Dir, from: &std::path::Path) -> String {
+    let name = from.file_name().expect("a file name");
+    let to = dir.path(&name.to_string_lossy());
+    std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    to.display().to_string()
 }
 
 #[test]
@@ -236,11 +213,12 @@ fn firmware_seabios_boots_syslinux_from_virtio_blk_until_its_32_bit_iret_on_pvm(
     // SeaBIOS runs from the reset vector through PAM, its POST and its own virtio-blk driver,
     // and boots the MBR; SYSLINUX then returns from an interrupt with a 32-bit `iret` at CPL0,
     // which PVM's emulator cannot run (the guest's kernel-mode code is emulated here).
-    let disk = DiskCopy::new("bios.img");
+    let dir = common::api::Dir::new("seabios-pvm");
+    let disk = copy_of(&dir, &debian_guest().join("bios.img"));
     let (g, r) = boot_firmware_on_pvm(
         "seabios-pvm",
         "/usr/share/seabios/bios.bin",
-        Some(disk.path()),
+        Some(&disk),
         &[],
     );
     g.assert_lines(
@@ -269,15 +247,13 @@ fn firmware_ovmf_stops_at_its_first_x87_instruction_on_pvm() {
     // OVMF's SEC phase sets the x87 control word (`fldcw`) before anything else it prints;
     // KVM's instruction emulator has no x87, so PVM, which emulates the guest's kernel-mode
     // code, stops there: the 4 MiB build in 32-bit code, the single-file build in 64-bit code.
-    let vars =
-        DiskCopy(std::env::temp_dir().join(format!("rhyve-pvm-vars-{}", std::process::id())));
-    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars.0)
-        .expect("copy OVMF's variable store (apt-get install ovmf)");
+    let dir = common::api::Dir::new("ovmf-pvm");
+    let vars = copy_of(
+        &dir,
+        std::path::Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    );
     for (rom, mode) in [
-        (
-            format!("/usr/share/OVMF/OVMF_CODE_4M.fd,{}", vars.path()),
-            "32-bit",
-        ),
+        (format!("/usr/share/OVMF/OVMF_CODE_4M.fd,{vars}"), "32-bit"),
         ("/usr/share/ovmf/OVMF.fd".to_string(), "64-bit"),
     ] {
         let (_, r) = boot_firmware_on_pvm("ovmf-pvm", &rom, None, &[]);
@@ -304,23 +280,12 @@ fn firmware_qboot_hands_the_kernel_its_memory_map_and_acpi_tables_on_pvm() {
     // installed (earlyprintk shows them as they are parsed, minutes before the console).
     require_pvm();
     let g = debian_guest();
+    let mut opts = firmware_args("/usr/share/qemu/qboot.rom", "256M");
+    opts.push("-v".into());
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
     let args = with_debian_guest(
         &g,
-        &[
-            "-v",
-            "-c",
-            "1",
-            "-m",
-            "256M",
-            "-s",
-            "0,hostbridge,model=i440fx",
-            "-l",
-            "com1,stdio",
-            "-l",
-            "bootrom,/usr/share/qemu/qboot.rom",
-            "-l",
-            "fwcfg,qemu",
-        ],
+        &opts,
         &format!("{CMDLINE} earlyprintk=ttyS0"),
         "qboot-pvm",
     );

@@ -1151,22 +1151,10 @@ fn real_guest_qboot_boots_the_kernel_it_reads_from_fw_cfg_with_rhyves_acpi_table
     // map, the ACPI tables (through the table loader) and the kernel, initrd and command line
     // from fw_cfg, and jumps into the kernel: no direct boot by rhyve.
     let rom = firmware(QBOOT, "qemu-system-data");
+    let opts = firmware_args(&rom, "512M");
     let mut g = boot(
         "qboot",
-        &[
-            "-c",
-            "1",
-            "-m",
-            "512M",
-            "-s",
-            "0,hostbridge,model=i440fx",
-            "-l",
-            "com1,stdio",
-            "-l",
-            &format!("bootrom,{rom}"),
-            "-l",
-            "fwcfg,qemu",
-        ],
+        &opts.iter().map(String::as_str).collect::<Vec<_>>(),
         "firmware,platform",
         "poweroff",
         "",
@@ -1205,27 +1193,14 @@ fn boot_disk_copy(name: &str, tag: &str) -> Scratch {
 /// no kernel given to rhyve; the disk's boot loader starts the test guest's firmware scenario.
 fn boot_firmware(tag: &str, rom: &str, disk: &Scratch, extra: &[&str]) -> LinuxGuest {
     require_hw_kvm();
-    let bootrom = format!("bootrom,{rom}");
-    let blk = format!("2,virtio-blk,{}", disk.path());
-    let mut args = vec![
-        "-c",
-        "1",
-        "-m",
-        "512M",
-        "-s",
-        "0,hostbridge,model=i440fx",
-        "-s",
-        &blk,
-        "-l",
-        "com1,stdio",
-        "-l",
-        &bootrom,
-        "-l",
-        "fwcfg,qemu",
-    ];
-    args.extend_from_slice(extra);
-    args.push(tag);
-    LinuxGuest::new(tag, spawn(&args))
+    let mut args = firmware_args(rom, "512M");
+    args.extend(["-s".into(), format!("2,virtio-blk,{}", disk.path())]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.push(tag.into());
+    LinuxGuest::new(
+        tag,
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+    )
 }
 
 #[test]

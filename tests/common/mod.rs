@@ -556,3 +556,25 @@ impl Drop for LinuxGuest {
         }
     }
 }
+
+/// rhyve's options for booting firmware `rom` built for QEMU: one vCPU, `mem`, the i440fx
+/// host bridge, COM1 on stdout, the ROM (`ROM[,VARS]`) and fw_cfg (README.md, "Firmware").
+pub fn firmware_args(rom: &str, mem: &str) -> Vec<String> {
+    [
+        "-c",
+        "1",
+        "-m",
+        mem,
+        "-s",
+        "0,hostbridge,model=i440fx",
+        "-l",
+        "com1,stdio",
+        "-l",
+        &format!("bootrom,{rom}"),
+        "-l",
+        "fwcfg,qemu",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}

@@ -203,7 +203,11 @@ impl Vm {
         legacy.push(("pm", pm.lifecycle()));
         let router =
             Arc::new(IrqRouter::new(vm_fd.clone()).map_err(|e| VmError::Device(e.to_string()))?);
-        let shadow = Self::shadow(cfg, &vm_fd, &mut ram, &shared, firmware)?;
+        // QEMU's pc chipset (PAM, PIIX4 PM) when a host bridge asks for it (model=i440fx).
+        let i440fx = pci::configured_devices(cfg)?.iter().any(|(addr, name)| {
+            name == "hostbridge" && pci::hostbridge::has_pam(cfg, &addr.config_prefix())
+        });
+        let shadow = Self::shadow(&vm_fd, &mut ram, &shared, i440fx && firmware)?;
         if let Some(f) = ram.flash() {
             let dev = Arc::new(Mutex::new(FlashExits(f.clone(), Default::default())));
             shared
@@ -221,6 +225,7 @@ impl Vm {
             },
             &shared,
             &layout,
+            i440fx,
         )?;
         let platform = Self::acpi_platform(cfg, &topo, cpus, &pci);
         if fwcfg {
@@ -331,16 +336,12 @@ impl Vm {
     /// registers and a boot ROM to alias there (`rhyve_hypervisor::shadow`); its exits (writes
     /// to the ROM side, reads where nothing is mapped) come to it over the MMIO bus.
     fn shadow(
-        cfg: &Config,
         vm_fd: &Arc<VmFd>,
         ram: &mut GuestRam,
         shared: &Arc<VmShared>,
-        firmware: bool,
+        wanted: bool,
     ) -> Result<Option<Arc<Shadow>>, VmError> {
-        let pam = pci::configured_devices(cfg)?.iter().any(|(addr, name)| {
-            name == "hostbridge" && pci::hostbridge::has_pam(cfg, &addr.config_prefix())
-        });
-        if !(pam && firmware) {
+        if !wanted {
             return Ok(None);
         }
         let s = ram.enable_shadow(vm_fd)?;
@@ -617,6 +618,7 @@ impl Vm {
         ctx: &PciInitCtx,
         shared: &Arc<VmShared>,
         layout: &MemoryLayout,
+        i440fx: bool,
     ) -> Result<Arc<PciRoot>, VmError> {
         let top_of_ram = if layout.highmem > 0 {
             hypervisor::memory::HIGHMEM_BASE + layout.highmem
@@ -648,9 +650,6 @@ impl Vm {
             slot: 1,
             func: 3,
         };
-        let i440fx = devices
-            .iter()
-            .any(|(a, n)| n == "hostbridge" && pci::hostbridge::has_pam(cfg, &a.config_prefix()));
         let slot1_free = devices.iter().all(|(a, _)| a.bus != 0 || a.slot != 1);
         if i440fx && slot1_free {
             devices.push((piix4, "piix4-pm".to_string()));
