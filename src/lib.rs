@@ -24,7 +24,7 @@ pub mod control_plane;
 
 pub use rhyve_api as api;
 
-pub use rhyve_base::{lifecycle, logging, term, thread, timeline};
+pub use rhyve_base::{lifecycle, logging, seccomp, term, thread, timeline};
 pub use rhyve_block as block;
 pub use rhyve_bus as bus;
 pub use rhyve_config as config;

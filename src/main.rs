@@ -9,7 +9,7 @@ use rhyve::cli::{self, Action, USAGE};
 use rhyve::control_plane::Controller;
 use rhyve::emulations::{self, lpc};
 use rhyve::vmm::main_loop::Signals;
-use rhyve::{logging, term, timeline};
+use rhyve::{logging, seccomp, term, timeline};
 
 /// Status for every error that stops rhyve before or while running the guest (bhyve(8)).
 const EXIT_ERROR: u8 = 4;
@@ -79,6 +79,20 @@ fn main() -> ExitCode {
         }
     }
     let sigset = block_control_signals();
+    // After the signals are blocked: the spawner thread, like every other, must not take them.
+    let seccomp = match cfg
+        .get_raw("sandbox.seccomp")
+        .map_or(Some(seccomp::Mode::Kill), seccomp::Mode::parse)
+    {
+        Some(m) => m,
+        None => return fail("sandbox.seccomp: not true, false or log"),
+    };
+    if seccomp != seccomp::Mode::Off {
+        if let Err(e) = rhyve::thread::start_spawner() {
+            return fail(format!("cannot start the thread spawner: {e}"));
+        }
+    }
+    seccomp::set_mode(seccomp);
     let signals = match Signals::new(&sigset) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot read signals through a signalfd: {e}")),
@@ -95,6 +109,11 @@ fn main() -> ExitCode {
         if let Err(e) = ctl.boot() {
             return fail(e);
         }
+    }
+    // The main thread's own filter, once the VM is built: what runs from here on (the event
+    // loop, API requests, reboots, snapshots, migration) stays inside it.
+    if let Err(e) = seccomp::confine(None) {
+        return fail(e);
     }
     let status = ctl.run(&signals);
     term::restore();

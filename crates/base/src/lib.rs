@@ -3,6 +3,7 @@
 
 pub mod lifecycle;
 pub mod logging;
+pub mod seccomp;
 pub mod term;
 pub mod thread;
 pub mod timeline;

@@ -10,6 +10,8 @@
 
 use std::cell::Cell;
 use std::io;
+use std::sync::mpsc::Sender;
+use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 /// What a thread does. ARCHITECTURE.md lists the threads of a running VM by role.
@@ -56,7 +58,10 @@ pub fn current() -> Option<Role> {
     ROLE.with(|r| r.get())
 }
 
-/// Starts `f` on a new thread of `role`, named `name` (Linux keeps the first 15 bytes).
+/// Starts `f` on a new thread of `role`, named `name` (Linux keeps the first 15 bytes). The
+/// thread installs its role's seccomp filter ([`crate::seccomp`]) before `f` runs; a thread
+/// that cannot be confined ends rhyve with status 4. A confined caller's thread is created by
+/// the spawner thread, so that it carries its own filter only.
 pub fn spawn<F, T>(role: Role, name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -64,10 +69,58 @@ where
 {
     let name = name.into();
     log::debug!("starting thread '{name}' ({})", role.as_str());
-    std::thread::Builder::new().name(name).spawn(move || {
+    let builder = std::thread::Builder::new().name(name.clone());
+    let body = move || {
         ROLE.with(|r| r.set(Some(role)));
+        if let Err(e) = crate::seccomp::confine(Some(role)) {
+            crate::term::restore();
+            eprint!("rhyve: thread '{name}': {e}\r\n");
+            // SAFETY: _exit ends the process without running other threads' destructors.
+            unsafe { libc::_exit(4) };
+        }
         f()
-    })
+    };
+    if !crate::seccomp::confined() {
+        return builder.spawn(body);
+    }
+    let Some(spawner) = SPAWNER.get() else {
+        return Err(io::Error::other(
+            "a confined thread cannot start threads and no spawner runs",
+        ));
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(builder.spawn(body));
+    });
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| io::Error::other("the spawner thread has ended"))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the spawner thread has ended"))?
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+static SPAWNER: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+/// Starts the spawner: an unconfined thread that only creates the threads confined threads
+/// ask for (a thread inherits its creator's seccomp filter). Call before any filter is
+/// installed; later calls do nothing.
+pub fn start_spawner() -> io::Result<()> {
+    if SPAWNER.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("spawner".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
+    let _ = SPAWNER.set(Mutex::new(tx));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ enum Kind {
     Uuid,
     CpuList,
     Port,
+    /// `sandbox.seccomp`: a boolean or `log`.
+    Seccomp,
 }
 
 /// Exact keys and their kinds. `vcpu.N.*`, `pci.B.S.F.*` and `lpc.*` are checked by their owners.
@@ -61,6 +63,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("debug.timeline", Kind::Str),
     ("debug.rip_samples", Kind::Str),
     ("debug.rip_sample_hz", Kind::Count),
+    ("sandbox.seccomp", Kind::Seccomp),
 ];
 
 /// bhyve's defaults (bhyverun.c `set_defaults`), written into the tree so `config.dump` shows them.
@@ -98,6 +101,8 @@ fn check_kind(key: &str, kind: Kind, value: &str) -> Result<(), ConfigError> {
         Kind::CpuList => Err(invalid("is not a host CPU list such as 1 or 0,2-3")),
         Kind::Port if value.parse::<u16>().is_ok() => Ok(()),
         Kind::Port => Err(invalid("is not a TCP port")),
+        Kind::Seccomp if value == "log" || parse_bool(key, value).is_ok() => Ok(()),
+        Kind::Seccomp => Err(invalid("is not true, false or log")),
     }
 }
 

@@ -322,6 +322,9 @@ impl Vm {
                 "give either a boot ROM (-l bootrom) or a kernel (boot.kernel), not both, or add -l fwcfg,qemu to hand the kernel to the firmware".into(),
             )),
             (None, None) => Err(VmError::NoBootPayload),
+            (Some(_), None) if cfg.get("boot.initrd")?.is_some() => Err(VmError::Device(
+                "boot.initrd is given without boot.kernel: an initramfs goes with a kernel (add -o boot.kernel=PATH)".into(),
+            )),
             (Some(rom), _) => {
                 let vars = cfg.get("lpc.bootvars")?;
                 let rom_base = ram.map_bootrom(vm_fd, &rom, vars.as_deref(), fwcfg)?;
