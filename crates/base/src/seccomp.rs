@@ -345,6 +345,7 @@ pub fn rules(role: Option<Role>) -> Rules {
             // files, sockets, KVM and taps. Never: executing programs, tracing, mounting,
             // namespaces, modules, changing credentials.
             allow(&mut r, MAIN);
+            allow(&mut r, SOCKET_IO);
             r.insert(libc::SYS_ioctl, vec![]);
             r.insert(libc::SYS_prctl, vec![]);
         }
@@ -352,7 +353,7 @@ pub fn rules(role: Option<Role>) -> Rules {
     r
 }
 
-/// What the main thread may do beyond `base`.
+/// What the main thread may do beyond `base` and `SOCKET_IO`.
 const MAIN: &[libc::c_long] = &[
     libc::SYS_openat,
     libc::SYS_open,
@@ -396,17 +397,7 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_connect,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
     libc::SYS_setsockopt,
-    libc::SYS_getsockopt,
-    libc::SYS_getsockname,
-    libc::SYS_getpeername,
     libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
     libc::SYS_signalfd4,
