@@ -146,6 +146,11 @@ impl Config {
             file: path.to_string(),
             err: e.to_string(),
         })?;
+        self.load_str(&text, path)
+    }
+
+    /// Applies a `-k` file's text, read from `path` (named in errors).
+    pub fn load_str(&mut self, text: &str, path: &str) -> Result<(), ConfigError> {
         for (n, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
