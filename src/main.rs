@@ -80,12 +80,14 @@ fn main() -> ExitCode {
     }
     let sigset = block_control_signals();
     // After the signals are blocked: the spawner thread, like every other, must not take them.
-    let seccomp = match cfg
-        .get_raw("sandbox.seccomp")
-        .map_or(Some(seccomp::Mode::Kill), seccomp::Mode::parse)
-    {
-        Some(m) => m,
-        None => return fail("sandbox.seccomp: not true, false or log"),
+    // `log`, or a boolean spelt as every other key's (the schema has checked the value).
+    let seccomp = match cfg.get_raw("sandbox.seccomp") {
+        Some("log") => seccomp::Mode::Log,
+        _ => match cfg.get_bool("sandbox.seccomp", true) {
+            Ok(true) => seccomp::Mode::Kill,
+            Ok(false) => seccomp::Mode::Off,
+            Err(e) => return fail(e),
+        },
     };
     if seccomp != seccomp::Mode::Off {
         if let Err(e) = rhyve::thread::start_spawner() {

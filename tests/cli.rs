@@ -164,10 +164,9 @@ fn bad_direct_boot_configurations_are_one_line_and_status_4() {
 #[test]
 fn the_bad_input_list_is_one_line_naming_the_culprit_and_status_4() {
     require_kvm();
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("badinput-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = |n: &str| dir.join(n).display().to_string();
+    let tmp = common::api::Dir::new("badinput");
+    let dir = tmp.0.clone();
+    let p = |n: &str| tmp.path(n).display().to_string();
     let empty = p("empty.rom");
     std::fs::write(&empty, b"").unwrap();
     let odd = p("odd.rom");
@@ -336,7 +335,6 @@ fn the_bad_input_list_is_one_line_naming_the_culprit_and_status_4() {
             ));
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(
         bad.is_empty(),
         "{} of {} cases:\n{}",

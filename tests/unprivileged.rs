@@ -45,13 +45,19 @@ fn run_as_nobody(ns: &Netns, args: &[&str]) -> Run {
     wait_with_deadline(child, Duration::from_secs(60))
 }
 
-/// A disk image `nobody` owns, in a directory of its own.
+/// A directory of this test's own that `nobody` may enter.
+fn dir_for_nobody(tag: &str) -> common::api::Dir {
+    let dir = common::api::Dir::new(tag);
+    std::fs::set_permissions(dir.path(""), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the directory");
+    dir
+}
+
+/// A disk image `nobody` owns, in `dir`.
 fn nobodys_disk(dir: &common::api::Dir) -> String {
     let img = dir.path("disk.img");
     std::fs::write(&img, vec![0xaau8; 1 << 20]).expect("write the image");
     std::os::unix::fs::chown(&img, Some(NOBODY), Some(NOBODY)).expect("chown the image");
-    std::fs::set_permissions(dir.path(""), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod the directory");
     img.display().to_string()
 }
 
@@ -64,7 +70,7 @@ fn a_user_with_only_dev_kvm_its_image_and_a_tap_made_for_it_opens_the_tap_and_ru
         "ip", "tuntap", "add", "dev", "rtap0", "mode", "tap", "user", &uid,
     ]);
     assert!(out.status.success(), "ip tuntap add: {out:?}");
-    let dir = common::api::Dir::new("nopriv");
+    let dir = dir_for_nobody("nopriv");
     let img = nobodys_disk(&dir);
     let blk = format!("4,virtio-blk,{img}");
     let boot = format!("bootrom,{}", rom("virtio_blk"));
@@ -100,8 +106,7 @@ fn a_user_with_only_dev_kvm_its_image_and_a_tap_made_for_it_opens_the_tap_and_ru
 fn what_needs_privilege_says_so_in_one_line() {
     require_kvm();
     let ns = Netns::new("nopriv-err");
-    let dir = common::api::Dir::new("nopriv-err");
-    let img = nobodys_disk(&dir);
+    let dir = dir_for_nobody("nopriv-err");
     let boot = format!("bootrom,{}", rom("null"));
     // A tap nobody made for this user: creating one needs CAP_NET_ADMIN.
     let r = run_as_nobody(&ns, &["-s", "5,virtio-net,rtap9", "-l", &boot, "vm"]);
@@ -125,5 +130,4 @@ fn what_needs_privilege_says_so_in_one_line() {
         "{}",
         r.stderr
     );
-    let _ = img;
 }

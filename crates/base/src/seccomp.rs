@@ -37,8 +37,10 @@ pub enum Mode {
     Log,
 }
 
+#[cfg(test)]
 impl Mode {
-    /// Parses `sandbox.seccomp`'s value: a boolean or `log`.
+    /// A mode by name, for the tests' child processes (rhyve itself reads `sandbox.seccomp`
+    /// through the config tree's boolean parser).
     pub fn parse(v: &str) -> Option<Mode> {
         match v.to_ascii_lowercase().as_str() {
             "true" | "on" | "yes" | "1" => Some(Mode::Kill),
