@@ -69,6 +69,9 @@ pub fn set_mode(m: Mode) {
     // /etc/localtime on a confined vCPU or timer thread.
     // SAFETY: tzset has no preconditions; it runs before any thread uses the time zone.
     unsafe { tzset() };
+    if m != Mode::Off {
+        prime_heap_shrink();
+    }
     if m == Mode::Kill {
         install_reporter();
     }
@@ -434,6 +437,23 @@ extern "C" {
     fn tzset();
 }
 
+/// Makes glibc's malloc shrink a thread arena's heap once, while nothing is confined yet.
+/// The first such shrink in a process opens /proc/sys/vm/overcommit_memory (glibc caches the
+/// answer); left to chance, it happens on whichever confined thread first frees a few hundred
+/// KiB from its own arena, and the filter stops rhyve there. A new thread is given an arena of
+/// its own (the main thread keeps the main one), so its blocks come from a thread heap.
+fn prime_heap_shrink() {
+    let t = std::thread::Builder::new()
+        .name("malloc prime".into())
+        .spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 60 << 10]).collect();
+            std::hint::black_box(&blocks);
+        });
+    if let Ok(h) = t {
+        let _ = h.join();
+    }
+}
+
 /// Installs the SIGSYS handler that reports a forbidden call.
 fn install_reporter() {
     static ONCE: OnceLock<()> = OnceLock::new();
@@ -604,6 +624,59 @@ mod tests {
                 .join()
                 .expect("join"),
         }
+    }
+
+    /// Runs in a child process only (`RHYVE_SECCOMP_MANY` set): many confined block I/O
+    /// threads alive at once, each allocating and freeing a few MiB in small blocks. Each
+    /// thread's blocks come from its own malloc arena; when the freed blocks leave more than
+    /// the trim threshold at the top of an arena's heap, glibc shrinks that heap, and the
+    /// first time it does in a process it opens /proc/sys/vm/overcommit_memory (a block I/O
+    /// thread was caught doing that in a SeaBIOS boot).
+    #[test]
+    fn many_threads_child() {
+        if std::env::var_os("RHYVE_SECCOMP_MANY").is_none() {
+            return;
+        }
+        crate::thread::start_spawner().expect("spawner");
+        set_mode(Mode::Kill);
+        let n = 24;
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(n));
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let gate = gate.clone();
+                crate::thread::spawn(Role::BlockIo, format!("many {i}"), move || {
+                    gate.wait();
+                    let blocks: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 60 << 10]).collect();
+                    let total = blocks.iter().map(Vec::len).sum::<usize>() + i;
+                    drop(blocks);
+                    gate.wait();
+                    total
+                })
+                .expect("spawn")
+            })
+            .collect();
+        let total: usize = hs.into_iter().map(|h| h.join().expect("join")).sum();
+        println!("{n} confined threads allocated {total} bytes");
+    }
+
+    #[test]
+    fn many_confined_threads_allocate_without_opening_files() {
+        let out = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "seccomp::tests::many_threads_child",
+                "--nocapture",
+            ])
+            .env("RHYVE_SECCOMP_MANY", "1")
+            .output()
+            .expect("run the child");
+        let outs = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && outs.contains("24 confined threads allocated"),
+            "{:?} {outs} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn run_child(i: usize, mode: &str) -> std::process::Output {
