@@ -445,13 +445,17 @@ extern "C" {
 fn prime_heap_shrink() {
     let t = std::thread::Builder::new()
         .name("malloc prime".into())
-        .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 60 << 10]).collect();
-            std::hint::black_box(&blocks);
-        });
+        .spawn(shrink_arena_heap);
     if let Ok(h) = t {
         let _ = h.join();
     }
+}
+
+/// Allocates and frees blocks below malloc's mmap threshold (128 KiB) that together pass its
+/// trim threshold (128 KiB), so the calling thread's arena heap shrinks; returns their size.
+fn shrink_arena_heap() -> usize {
+    let blocks: Vec<Vec<u8>> = (0..4).map(|_| vec![1u8; 60 << 10]).collect();
+    std::hint::black_box(&blocks).iter().map(Vec::len).sum()
 }
 
 /// Installs the SIGSYS handler that reports a forbidden call.
@@ -646,9 +650,7 @@ mod tests {
                 let gate = gate.clone();
                 crate::thread::spawn(Role::BlockIo, format!("many {i}"), move || {
                     gate.wait();
-                    let blocks: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 60 << 10]).collect();
-                    let total = blocks.iter().map(Vec::len).sum::<usize>() + i;
-                    drop(blocks);
+                    let total = shrink_arena_heap() + i;
                     gate.wait();
                     total
                 })
@@ -661,15 +663,7 @@ mod tests {
 
     #[test]
     fn many_confined_threads_allocate_without_opening_files() {
-        let out = Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "--exact",
-                "seccomp::tests::many_threads_child",
-                "--nocapture",
-            ])
-            .env("RHYVE_SECCOMP_MANY", "1")
-            .output()
-            .expect("run the child");
+        let out = run_test_child("many_threads_child", "RHYVE_SECCOMP_MANY", "1");
         let outs = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && outs.contains("24 confined threads allocated"),
@@ -679,12 +673,18 @@ mod tests {
         );
     }
 
-    fn run_child(i: usize, mode: &str) -> std::process::Output {
+    /// Runs this binary's test `seccomp::tests::NAME` alone in a child process, with `key`
+    /// set to `value`.
+    fn run_test_child(name: &str, key: &str, value: &str) -> std::process::Output {
         Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "seccomp::tests::child", "--nocapture"])
-            .env(CHILD, format!("{i}:{mode}"))
+            .args(["--exact", &format!("seccomp::tests::{name}"), "--nocapture"])
+            .env(key, value)
             .output()
             .expect("run the child")
+    }
+
+    fn run_child(i: usize, mode: &str) -> std::process::Output {
+        run_test_child("child", CHILD, &format!("{i}:{mode}"))
     }
 
     #[test]
